@@ -1,0 +1,165 @@
+"""DiffusionLM: a Hugging Face causal-LM backbone driven as a diffusion language model.
+
+The backbone is a stock transformers model (Llama, Qwen2, Qwen3).  Diffusion behaviour comes only
+from what we feed it: explicit 4D boolean attention masks (masks.py) and explicit position ids.
+Nothing in the backbone is patched, so its weights stay readable by ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tracerl import masks
+from tracerl.models.family import DiffusionSpec
+
+BACKBONE_TYPES = ("llama", "qwen2", "qwen3")
+
+
+class DiffusionLM(nn.Module):
+    """A backbone + tokenizer + the diffusion settings (family, mask token, block size)."""
+
+    def __init__(
+        self, backbone: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: DiffusionSpec
+    ) -> None:
+        super().__init__()
+        if backbone.config.model_type not in BACKBONE_TYPES:
+            raise ValueError(
+                f"unsupported backbone {backbone.config.model_type!r}; valid: {BACKBONE_TYPES}"
+            )
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.spec = spec
+
+    # -- convenience accessors -------------------------------------------------------------
+    @property
+    def config(self):
+        return self.backbone.config
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.spec.mask_token_id
+
+    @property
+    def block_size(self) -> int:
+        return self.spec.block_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output layer (may exceed ``len(tokenizer)``: padded vocabularies)."""
+        return self.backbone.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    # -- forward ---------------------------------------------------------------------------
+    def attention_mask(
+        self, positions: torch.Tensor, valid: torch.Tensor, attention: str | None = None
+    ) -> torch.Tensor:
+        """Self-attention mask of this model's attention kind (or ``attention`` if given)."""
+        return masks.mask_for_attention(
+            attention or self.spec.attention, positions, valid, self.spec.block_size
+        )
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+        use_cache: bool = False,
+    ):
+        """Last hidden states ``(B, L, H)`` and the (possibly extended) KV cache.
+
+        ``cache`` is a transformers ``Cache`` (e.g. ``DynamicCache``) holding the keys/values of
+        earlier positions; the mask's key axis then covers cache + new tokens.
+        """
+        out = self.backbone.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        return out.last_hidden_state, out.cache
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits for any selection of hidden states (compute only what you need)."""
+        return self.backbone.lm_head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache=None,
+        use_cache: bool = False,
+    ) -> torch.Tensor:
+        """Raw logits ``(B, L, V)``: position j predicts token j (block/full) or j+1 (shifted)."""
+        hidden, _ = self.hidden_states(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        return self.lm_logits(hidden)
+
+    # -- saving ----------------------------------------------------------------------------
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write an HF folder (safetensors + config with a ``tracerl`` section + tokenizer).
+
+        The folder is written next to its destination and renamed into place, so a reader never
+        sees a half-written checkpoint; an existing folder at ``folder`` is replaced.
+        """
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            self.backbone.config.tracerl = self.spec.to_dict()
+            self.backbone.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            _check_saved_config(tmp / "config.json")
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+                folder.rename(old)
+                tmp.rename(folder)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        return folder
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.backbone.parameters())
+
+
+def _check_saved_config(path: Path) -> None:
+    # The spec must survive the config round trip, or the checkpoint would not reload alone.
+    data = json.loads(path.read_text())
+    if "tracerl" not in data:
+        raise RuntimeError(f"{path}: transformers dropped the 'tracerl' section while saving")
