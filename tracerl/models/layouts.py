@@ -18,6 +18,8 @@ from tracerl.errors import CheckpointError
 _META_KEYS = {
     "model_type", "architectures", "auto_map", "transformers_version", "torch_dtype", "dtype",
     "_name_or_path", "tracerl", "use_cache",
+    # SDAR's config.json asks for flex_attention (a GPU kernel); we choose attention ourselves.
+    "attn_implementation", "_attn_implementation",
 }
 
 
@@ -43,7 +45,10 @@ def _identity(name: str) -> str:
 
 def _hf_native_config(data: dict, where: str) -> dict:
     """Layouts whose config.json already uses transformers' field names (Qwen2/Qwen3 shaped)."""
-    return {k: v for k, v in data.items() if k not in _META_KEYS}
+    kept = {k: v for k, v in data.items() if k not in _META_KEYS}
+    if kept.get("rope_scaling", 0) is None:
+        del kept["rope_scaling"]  # explicit null: transformers v5 warns; it means "no scaling"
+    return kept
 
 
 # --- LLaDA ---------------------------------------------------------------------------------
@@ -93,13 +98,18 @@ def _llada_config(data: dict, where: str) -> dict:
         raise CheckpointError(f"{where}: layer_norm_type {data['layer_norm_type']!r}; only 'rms' is supported")
     if data.get("activation_type", "silu") not in ("silu", "swiglu"):
         raise CheckpointError(f"{where}: activation_type {data['activation_type']!r}; only silu is supported")
+    for flag in ("alibi", "attention_layer_norm", "scale_logits", "input_emb_norm"):
+        if data.get(flag):
+            raise CheckpointError(f"{where}: LLaDA option {flag}=true is not supported")
     d_model = need("d_model")
     n_heads = need("n_heads")
+    # mlp_hidden_size wins over mlp_ratio (the released configs disagree: 12288 vs 4 x 4096).
     intermediate = data.get("mlp_hidden_size") or int(data.get("mlp_ratio", 4) * d_model)
     return {
         "hidden_size": d_model,
         "num_attention_heads": n_heads,
         "num_key_value_heads": data.get("n_kv_heads") or n_heads,
+        "head_dim": d_model // n_heads,
         "num_hidden_layers": need("n_layers"),
         "intermediate_size": intermediate,
         "vocab_size": data.get("embedding_size") or need("vocab_size"),

@@ -129,12 +129,29 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if not any((folder / n).is_file() for n in names):
         raise CheckpointError(f"{folder}: no tokenizer files (expected one of {', '.join(names)})")
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types here; keep the cause visible
-        raise CheckpointError(f"{folder}: cannot load the tokenizer: {type(e).__name__}: {e}") from e
+        tok = _fallback_tokenizer(folder)
+        if tok is None:
+            raise CheckpointError(f"{folder}: cannot load the tokenizer: {type(e).__name__}: {e}") from e
     if tok.padding_side != "left":
         tok.padding_side = "left"  # prompts are left-padded so generation starts in the same column
     return tok
+
+
+def _fallback_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    """Checkpoints whose tokenizer class is remote code (Dream's DreamTokenizer is a Qwen2 BPE
+    over vocab.json + merges.txt): read the files with the stock class instead."""
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    try:
+        if (folder / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception:
+        return None
+    return None
 
 
 def _spec_for_layout(
@@ -169,7 +186,8 @@ def _spec_for_layout(
     return DiffusionSpec(
         family=layout.family,
         mask_token_id=mask_id,
-        block_size=layout.block_size,
+        # SDAR configs carry the block size they were trained with.
+        block_size=int(data.get("block_size") or layout.block_size),
         attention=layout.attention,
         source_layout=layout.name,
     )

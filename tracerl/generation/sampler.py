@@ -1,0 +1,254 @@
+"""The sampler core: batched block-wise diffusion decoding for every family.
+
+Layout.  Prompts of different lengths share one column layout in which every row's blocks start
+at the same columns: row r is left-padded by a multiple of the block size, chosen so that each
+row's first denoising block (the block holding its first generated position, possibly with the
+prompt's tail, as in upstream) sits at the same column block.  Blocks therefore follow absolute
+token positions in every row, all rows denoise the same columns at the same time, and batching
+never changes a row's attention pattern (batched == one-by-one decoding).
+
+A row's canvas ends at ``prompt + max_new_tokens`` (or the model's context): columns past it
+are invalid, so the last block may be partial and nothing past the limit is ever decoded.
+
+Trace.  Each row counts its own denoising forwards (a forward counts for a row only if the row
+still had masked positions in the block).  A token unmasked in the row's n-th forward gets step
+``n`` in the step map (1-based, global across blocks), so step maps and ``nfe`` do not depend on
+what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from tracerl.errors import ConfigError
+from tracerl.generation.config import SamplingConfig
+from tracerl.generation.decoders import make_decoder
+from tracerl.generation.sampling import draw
+from tracerl.generation.unmasking import select, step_quota
+from tracerl.models.model import DiffusionLM
+
+STOP_TOKEN_NAMES = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+
+
+@dataclass
+class Generation:
+    """One generated response and its decoding trace."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # through the stop token, if one was produced
+    text: str
+    step_map: list[int]  # per response token: the row's 1-based forward that unmasked it
+    nfe: int  # denoising forwards this row took part in
+    finish_reason: str  # "stop" | "length"
+    block_size: int
+    family: str
+    logprobs: list[float] | None = None  # log-prob of each token under the sampling distribution
+    confidences: list[float] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationStats:
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    forwards: int = 0  # batched forward calls
+    new_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Canvas:
+    tokens: torch.Tensor  # (B, C)
+    valid: torch.Tensor  # (B, C) False for left padding and columns past the row's limit
+    positions: torch.Tensor  # (B, C) absolute token positions
+    masked: torch.Tensor  # (B, C) still to decode
+    gen_start: torch.Tensor  # (B,) first generated column
+    gen_end: torch.Tensor  # (B,) one past the last column this row may generate
+    first_block: int  # column index of the first denoising block's start
+
+
+def default_stop_ids(model: DiffusionLM) -> tuple[int, ...]:
+    tok = model.tokenizer
+    ids = set()
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    vocab = tok.get_vocab()
+    ids.update(int(vocab[name]) for name in STOP_TOKEN_NAMES if name in vocab)
+    ids.discard(model.mask_token_id)
+    return tuple(sorted(ids))
+
+
+def build_canvas(
+    prompts: list[list[int]], block_size: int, max_new_tokens: int, *, mask_id: int, pad_id: int,
+    max_positions: int, device: torch.device,
+) -> Canvas:
+    b = block_size
+    lengths = [len(p) for p in prompts]
+    first_k = max(n // b for n in lengths)
+    offsets = [b * (first_k - n // b) for n in lengths]
+    limits = [min(max_new_tokens, max_positions - n) for n in lengths]
+    ends = [o + n + lim for o, n, lim in zip(offsets, lengths, limits)]
+    columns = -(-max(ends) // b) * b
+    batch = len(prompts)
+    tokens = torch.full((batch, columns), pad_id, dtype=torch.long)
+    valid = torch.zeros(batch, columns, dtype=torch.bool)
+    positions = torch.zeros(batch, columns, dtype=torch.long)
+    masked = torch.zeros(batch, columns, dtype=torch.bool)
+    for r, (prompt, off, end) in enumerate(zip(prompts, offsets, ends)):
+        start = off + len(prompt)
+        tokens[r, off:start] = torch.tensor(prompt, dtype=torch.long)
+        tokens[r, start:end] = mask_id
+        masked[r, start:end] = True
+        valid[r, off:end] = True
+        positions[r, off:end] = torch.arange(end - off)
+    gen_start = torch.tensor([o + n for o, n in zip(offsets, lengths)])
+    return Canvas(
+        tokens.to(device), valid.to(device), positions.to(device), masked.to(device),
+        gen_start.to(device), torch.tensor(ends, device=device), first_k * b,
+    )
+
+
+def _check_prompts(prompts: list[list[int]], model: DiffusionLM) -> None:
+    if not prompts:
+        raise ConfigError("prompts: empty list")
+    vocab = model.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ConfigError(f"prompt {i}: empty prompt")
+        if len(p) >= model.max_positions:
+            raise ConfigError(
+                f"prompt {i}: {len(p)} tokens, but the model's context is {model.max_positions} "
+                "(max_position_embeddings); shorten the prompt"
+            )
+        bad = [t for t in p if not 0 <= int(t) < vocab]
+        if bad:
+            raise ConfigError(f"prompt {i}: token id {bad[0]} outside the vocabulary (0..{vocab - 1})")
+
+
+@torch.no_grad()
+def generate(
+    model: DiffusionLM,
+    prompts: list[list[int]],
+    config: SamplingConfig | None = None,
+    *,
+    stats: GenerationStats | None = None,
+) -> list[Generation]:
+    """Decode a batch of tokenized prompts; returns one ``Generation`` per prompt, in order."""
+    config = config or SamplingConfig()
+    config.validate()
+    _check_prompts(prompts, model)
+    t_start = time.perf_counter()
+    device = model.device
+    b = config.block_size or model.block_size
+    steps = config.steps or b
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    stop_ids = torch.tensor(
+        config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(model),
+        dtype=torch.long, device=device,
+    )
+    banned = _banned_ids(model, device)
+    generator = None
+    if config.seed is not None or config.temperature > 0 or config.strategy == "random":
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+
+    canvas = build_canvas(
+        [list(map(int, p)) for p in prompts], b, config.max_new_tokens, mask_id=model.mask_token_id,
+        pad_id=pad_id, max_positions=model.max_positions, device=device,
+    )
+    decoder = make_decoder(model, canvas, b, config.use_cache, config.full_cache)
+    batch, columns = canvas.tokens.shape
+    step_map = torch.zeros(batch, columns, dtype=torch.long, device=device)
+    logprob = torch.zeros(batch, columns, device=device)
+    confidence = torch.zeros(batch, columns, device=device)
+    nfe = torch.zeros(batch, dtype=torch.long, device=device)
+    finished_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # stop column
+
+    for s in range(canvas.first_block, columns, b):
+        e = s + b
+        masked = canvas.masked[:, s:e].clone()
+        at_start = masked.sum(-1)
+        step = torch.zeros(batch, dtype=torch.long, device=device)
+        while masked.any():
+            active = masked.any(-1)
+            d = draw(decoder.logits(s, e), temperature=config.temperature, top_k=config.top_k,
+                     top_p=config.top_p, banned_ids=banned, generator=generator)
+            chosen = select(
+                config.strategy, d, masked, step_quota(at_start, step, steps),
+                threshold=config.threshold, eb_threshold=config.eb_threshold, generator=generator,
+            )
+            nfe += active.long()
+            step += active.long()
+            canvas.tokens[:, s:e] = torch.where(chosen, d.tokens, canvas.tokens[:, s:e])
+            step_map[:, s:e] = torch.where(chosen, nfe[:, None], step_map[:, s:e])
+            logprob[:, s:e] = torch.where(chosen, d.logprob, logprob[:, s:e])
+            confidence[:, s:e] = torch.where(chosen, d.confidence, confidence[:, s:e])
+            masked &= ~chosen
+        canvas.masked[:, s:e] = False
+        _finish_stopped_rows(canvas, s, e, stop_ids, finished_at, pad_id)
+        if not canvas.masked[:, e:].any():
+            break
+
+    results = _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b,
+                       config.return_logprobs)
+    if stats is not None:
+        stats.seconds += time.perf_counter() - t_start
+        stats.forward_seconds += decoder.timer.seconds
+        stats.forwards += decoder.timer.forwards
+        stats.new_tokens += sum(len(r.response_ids) for r in results)
+    return results
+
+
+def _banned_ids(model: DiffusionLM, device: torch.device) -> torch.Tensor:
+    """Ids the sampler may never emit: the mask token and padded vocabulary rows."""
+    banned = [model.mask_token_id]
+    banned += list(range(len(model.tokenizer), model.vocab_size))
+    return torch.tensor(sorted(set(banned)), dtype=torch.long, device=device)
+
+
+def _finish_stopped_rows(
+    canvas: Canvas, s: int, e: int, stop_ids: torch.Tensor, finished_at: torch.Tensor, pad_id: int
+) -> None:
+    """After a block is final: rows whose generated tokens in it hold a stop token are done."""
+    cols = torch.arange(s, e, device=canvas.tokens.device)
+    generated = (cols[None, :] >= canvas.gen_start[:, None]) & (cols[None, :] < canvas.gen_end[:, None])
+    is_stop = torch.isin(canvas.tokens[:, s:e], stop_ids) & generated & (finished_at[:, None] < 0)
+    hit = is_stop.any(-1)
+    if hit.any():
+        first = torch.where(is_stop, cols[None, :], torch.full_like(is_stop, e, dtype=torch.long)).min(-1).values
+        finished_at[hit] = first[hit]
+        rows = hit.nonzero().squeeze(-1)
+        canvas.masked[rows, e:] = False  # nothing more to decode for these rows
+        canvas.tokens[rows, e:] = pad_id
+
+
+def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b, with_logprobs):
+    tokens = canvas.tokens.tolist()
+    steps = step_map.tolist()
+    lps = logprob.tolist() if with_logprobs else None
+    confs = confidence.tolist() if with_logprobs else None
+    out = []
+    for r, prompt in enumerate(prompts):
+        start = int(canvas.gen_start[r])
+        stop = int(finished_at[r])
+        end = stop + 1 if stop >= 0 else int(canvas.gen_end[r])
+        response = tokens[r][start:end]
+        out.append(Generation(
+            prompt_ids=list(map(int, prompt)),
+            response_ids=response,
+            text=model.tokenizer.decode(response, skip_special_tokens=False),
+            step_map=steps[r][start:end],
+            nfe=int(nfe[r]),
+            finish_reason="stop" if stop >= 0 else "length",
+            block_size=b,
+            family=model.family,
+            logprobs=lps[r][start:end] if lps else None,
+            confidences=confs[r][start:end] if confs else None,
+        ))
+    return out

@@ -1,0 +1,83 @@
+"""Unmasking rules: which masked positions of the current block to commit at one step.
+
+One mechanism, pluggable rules.  Every rule gets the still-masked positions of the block, the
+static quota of this step (the block's masked tokens spread evenly over its steps), and the
+candidates' scores, and returns a boolean selection.  Every rule commits at least the quota, so a
+block always finishes within its step budget; none can select a position that is not masked, so
+fixed (prompt or already decoded) tokens are never overwritten.
+
+Rules (reference notes upstream-inference.md §1.5, §2.1):
+  static           top-quota by confidence (probability of the candidate)
+  dynamic          every candidate with confidence > threshold, at least the top-quota
+  sequential       the quota leftmost masked positions (AR order inside the block)
+  entropy_bounded  lowest-entropy positions while their summed entropy stays below eb_threshold
+                   (EB-sampler, arXiv 2505.24857), at least the quota
+  random           quota random masked positions (LLaDA's random remasking)
+  margin           top-quota by p(top1) - p(top2)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tracerl.generation.sampling import Draw
+
+
+def step_quota(masked_at_start: torch.Tensor, step: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit at ``step`` (0-based) for each row: ``M`` masks spread over ``min(T, M)``
+    steps as ``M // T' + (step < M % T')`` (upstream-inference.md §1.3, without its bug of
+    scheduling a full block when the block starts with prompt tokens)."""
+    m = masked_at_start
+    t = torch.clamp(torch.minimum(m, torch.full_like(m, steps)), min=1)
+    quota = m // t + (step < (m % t)).long()
+    return torch.where(step < t, quota, m)  # past the budget (never expected): everything left
+
+
+def _rank(score: torch.Tensor, masked: torch.Tensor, descending: bool) -> torch.Tensor:
+    """0-based rank of each masked position by score (unmasked ones rank last; ties: leftmost)."""
+    fill = float("-inf") if descending else float("inf")
+    order = torch.sort(score.masked_fill(~masked, fill), dim=-1, descending=descending, stable=True).indices
+    positions = torch.arange(score.shape[-1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def _top_by_score(score: torch.Tensor, masked: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+    """The ``quota[r]`` masked positions of row r with the highest score."""
+    return masked & (_rank(score, masked, descending=True) < quota[:, None])
+
+
+def select(
+    strategy: str,
+    draw: Draw,
+    masked: torch.Tensor,
+    quota: torch.Tensor,
+    *,
+    threshold: float,
+    eb_threshold: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    quota = torch.minimum(quota, masked.sum(-1))
+    if strategy == "static":
+        return _top_by_score(draw.confidence, masked, quota)
+    if strategy == "dynamic":
+        confident = masked & (draw.confidence > threshold)
+        enough = confident.sum(-1) >= quota
+        return torch.where(enough[:, None], confident, _top_by_score(draw.confidence, masked, quota))
+    if strategy == "sequential":
+        order = masked.long().cumsum(-1)  # 1-based rank among masked positions, left to right
+        return masked & (order <= quota[:, None])
+    if strategy == "random":
+        noise = torch.rand(masked.shape, generator=generator, device=masked.device)
+        return _top_by_score(noise, masked, quota)
+    if strategy == "margin":
+        top2 = torch.topk(draw.probs, 2, dim=-1).values
+        return _top_by_score(top2[..., 0] - top2[..., 1], masked, quota)
+    if strategy == "entropy_bounded":
+        p = draw.probs
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        ranked = _rank(entropy, masked, descending=False)
+        sorted_entropy = torch.sort(entropy.masked_fill(~masked, float("inf")), dim=-1).values
+        within_budget = (sorted_entropy.cumsum(-1) < eb_threshold).sum(-1)
+        count = torch.maximum(torch.minimum(within_budget, masked.sum(-1)), quota)
+        return masked & (ranked < count[:, None])
+    raise ValueError(f"unknown strategy {strategy!r}")
