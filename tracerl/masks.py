@@ -102,22 +102,49 @@ def mask_for_attention(
     raise ValueError(f"unknown attention kind {attention!r}; valid: block, full, causal")
 
 
+def two_copy_layout(
+    prompt_len: int, response_len: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Columns of one two-copy row: ``[prompt | clean response | noisy copy]``.
+
+    The noisy copy starts at the first response block, so when the prompt length is not a
+    multiple of the block size it begins with a copy of the prompt tail that shares that block:
+    in sampling those prompt tokens are part of the block being denoised (they attend the
+    block's masked tokens), so in training they must be too.  Returns ``positions`` (absolute),
+    ``segments`` and ``source``: the index into ``prompt + response`` whose token fills each column
+    (the trainer then replaces the masked ones in the noisy copy with the mask token).
+    """
+    tail = prompt_len % block_size if response_len else 0
+    total = prompt_len + response_len
+    sequence = torch.arange(total)
+    noisy_src = torch.arange(prompt_len - tail, total)
+    source = torch.cat([sequence, noisy_src])
+    segments = torch.cat([
+        torch.full((prompt_len,), PROMPT),
+        torch.full((response_len,), CLEAN),
+        torch.full((len(noisy_src),), NOISY),
+    ])
+    return source.clone(), segments, source
+
+
 def two_copy_mask(
     positions: torch.Tensor, segments: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    """The TraceRL / block-SFT training mask over ``[prompt | clean response | noisy response]``.
+    """The TraceRL / block-SFT training mask over ``[prompt | clean response | noisy copy]``.
 
-    ``segments`` holds PAD / PROMPT / CLEAN / NOISY per token; ``positions`` are absolute
-    positions, the noisy copy repeating those of the clean copy.  With ``b = block(query)``:
+    ``segments`` holds PAD / PROMPT / CLEAN / NOISY per token and ``positions`` absolute
+    positions, the noisy copy repeating those of the tokens it copies (see ``two_copy_layout``:
+    the noisy copy covers whole blocks, so it includes a prompt tail sharing the first response
+    block).  With ``b = block(query)``:
 
-    * prompt and clean queries: block-causal over prompt and clean keys (``block(key) <= b``);
-    * noisy queries see the prompt up to their own block (a prompt tail that shares the first
-      response block is part of that block's state, as in sampling), clean response blocks
-      strictly before ``b``, and noisy keys of their own block only: never their own clean copy,
-      never later blocks, never other noisy blocks;
+    * prompt and clean queries: block-causal over prompt and clean keys (``block(key) <= b``),
+      i.e. the ordinary block-causal forward of the clean sequence;
+    * noisy queries: prompt and clean keys of blocks strictly before ``b`` and the noisy keys of
+      block ``b``, so noisy block b sees exactly the state the sampler saw when denoising it:
+      never its own clean copy, never later blocks, never other noisy blocks;
     * padding is never attended.
 
-    The layout is free: segments may be packed in any order, so packed sequences work too.
+    The layout is free: segments may come in any order, so packed sequences work too.
     """
     qb = block_ids(positions, block_size)[:, :, None]
     kb = block_ids(positions, block_size)[:, None, :]
@@ -126,12 +153,11 @@ def two_copy_mask(
 
     clean_query = (q_seg == PROMPT) | (q_seg == CLEAN)
     clean_key = (k_seg == PROMPT) | (k_seg == CLEAN)
-    sees_clean_context = clean_query & clean_key & (kb <= qb)
+    clean_stream = clean_query & clean_key & (kb <= qb)
 
     noisy_query = q_seg == NOISY
-    noisy_sees_prompt = noisy_query & (k_seg == PROMPT) & (kb <= qb)
-    noisy_sees_earlier_clean = noisy_query & (k_seg == CLEAN) & (kb < qb)
+    noisy_sees_earlier_blocks = noisy_query & clean_key & (kb < qb)
     noisy_sees_own_block = noisy_query & (k_seg == NOISY) & (kb == qb)
 
-    allowed = sees_clean_context | noisy_sees_prompt | noisy_sees_earlier_clean | noisy_sees_own_block
+    allowed = clean_stream | noisy_sees_earlier_blocks | noisy_sees_own_block
     return _finish(allowed, segments != PAD, self_loop=True)

@@ -1,0 +1,6 @@
+"""Diffusion sampling: one sampler core, pluggable unmasking rules, exact and approximate caches."""
+
+from tracerl.generation.config import STRATEGIES, SamplingConfig
+from tracerl.generation.sampler import Generation, GenerationStats, generate
+
+__all__ = ["STRATEGIES", "Generation", "GenerationStats", "SamplingConfig", "generate"]

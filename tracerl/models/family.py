@@ -50,8 +50,14 @@ class DiffusionSpec:
             raise CheckpointError("the block family needs attention='block'")
         if self.family == "full" and self.attention != "full":
             raise CheckpointError("the full family needs attention='full'")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
+        for name in ("block_size", "mask_token_id", "format_version"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CheckpointError(f"{name} must be an integer, got {value!r}")
+        if self.block_size < 1:
             raise CheckpointError(f"block_size must be an integer >= 1, got {self.block_size!r}")
+        if not isinstance(self.extra, dict):
+            raise CheckpointError(f"extra must be an object, got {self.extra!r}")
 
     @property
     def logit_shift(self) -> int:
@@ -80,7 +86,7 @@ class DiffusionSpec:
             if required not in data:
                 raise CheckpointError(f"{where}: the 'tracerl' section lacks {required!r}")
         version = data.get("format_version", SPEC_FORMAT_VERSION)
-        if version > SPEC_FORMAT_VERSION:
+        if isinstance(version, int) and version > SPEC_FORMAT_VERSION:
             raise CheckpointError(
                 f"{where}: checkpoint format_version {version} is newer than this tracerl "
                 f"({SPEC_FORMAT_VERSION}); upgrade tracerl"

@@ -23,6 +23,10 @@ _META_KEYS = {
 }
 
 
+def _identity(name: str) -> str:
+    return name
+
+
 @dataclass(frozen=True)
 class Layout:
     name: str
@@ -36,11 +40,8 @@ class Layout:
     # Whether a missing mask token may be added (plain causal LMs being adapted to diffusion).
     may_add_mask_token: bool
     translate_config: Callable[[dict, str], dict]
-    rename: Callable[[str], str]
-
-
-def _identity(name: str) -> str:
-    return name
+    rename: Callable[[str], str]  # checkpoint name -> backbone name
+    checkpoint_name: Callable[[str], str] = _identity  # backbone name -> checkpoint name
 
 
 def _hf_native_config(data: dict, where: str) -> dict:
@@ -56,29 +57,52 @@ def _hf_native_config(data: dict, where: str) -> dict:
 # code base: a Llama block with its own parameter names.  ff_proj is the gated (activated)
 # branch, up_proj the linear branch, ff_out the down projection; the head is transformer.ff_out
 # unless weight_tying.
-_LLADA_RENAMES = [
-    (r"^model\.transformer\.wte\.weight$", "model.embed_tokens.weight"),
-    (r"^model\.transformer\.ln_f\.weight$", "model.norm.weight"),
-    (r"^model\.transformer\.ff_out\.weight$", "lm_head.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.q_proj\.(weight|bias)$", r"model.layers.\1.self_attn.q_proj.\2"),
-    (r"^model\.transformer\.blocks\.(\d+)\.k_proj\.(weight|bias)$", r"model.layers.\1.self_attn.k_proj.\2"),
-    (r"^model\.transformer\.blocks\.(\d+)\.v_proj\.(weight|bias)$", r"model.layers.\1.self_attn.v_proj.\2"),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_out\.(weight|bias)$", r"model.layers.\1.self_attn.o_proj.\2"),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_proj\.(weight|bias)$", r"model.layers.\1.mlp.gate_proj.\2"),
-    (r"^model\.transformer\.blocks\.(\d+)\.up_proj\.(weight|bias)$", r"model.layers.\1.mlp.up_proj.\2"),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_out\.(weight|bias)$", r"model.layers.\1.mlp.down_proj.\2"),
-    (r"^model\.transformer\.blocks\.(\d+)\.attn_norm\.weight$", r"model.layers.\1.input_layernorm.weight"),
-    (r"^model\.transformer\.blocks\.(\d+)\.ff_norm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+_LLADA_NAMES = [  # (LLaDA name, transformers Llama name); {i} = layer, {p} = weight|bias
+    ("model.transformer.wte.weight", "model.embed_tokens.weight"),
+    ("model.transformer.ln_f.weight", "model.norm.weight"),
+    ("model.transformer.ff_out.weight", "lm_head.weight"),
+    ("model.transformer.blocks.{i}.q_proj.{p}", "model.layers.{i}.self_attn.q_proj.{p}"),
+    ("model.transformer.blocks.{i}.k_proj.{p}", "model.layers.{i}.self_attn.k_proj.{p}"),
+    ("model.transformer.blocks.{i}.v_proj.{p}", "model.layers.{i}.self_attn.v_proj.{p}"),
+    ("model.transformer.blocks.{i}.attn_out.{p}", "model.layers.{i}.self_attn.o_proj.{p}"),
+    ("model.transformer.blocks.{i}.ff_proj.{p}", "model.layers.{i}.mlp.gate_proj.{p}"),
+    ("model.transformer.blocks.{i}.up_proj.{p}", "model.layers.{i}.mlp.up_proj.{p}"),
+    ("model.transformer.blocks.{i}.ff_out.{p}", "model.layers.{i}.mlp.down_proj.{p}"),
+    ("model.transformer.blocks.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("model.transformer.blocks.{i}.ff_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
 ]
-_LLADA_COMPILED = [(re.compile(p), r) for p, r in _LLADA_RENAMES]
 LLADA_MASK_ID = 126336
 
 
-def _llada_rename(name: str) -> str:
-    for pattern, repl in _LLADA_COMPILED:
-        if pattern.match(name):
-            return pattern.sub(repl, name)
-    return name  # unknown names are reported as unexpected by the loader
+class NameMap:
+    """A two-way table of parameter-name templates (``{i}`` layer index, ``{p}`` weight/bias), so
+    errors can name a tensor the way the checkpoint's own files do."""
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self._forward = [(self._regex(a), b) for a, b in pairs]
+        self._backward = [(self._regex(b), a) for a, b in pairs]
+
+    @staticmethod
+    def _regex(template: str) -> re.Pattern:
+        pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+        return re.compile(f"^{pattern}$")
+
+    @staticmethod
+    def _apply(table, name: str) -> str:
+        for regex, template in table:
+            m = regex.match(name)
+            if m:
+                return template.format(**m.groupdict())
+        return name  # unknown names pass through; the loader reports them
+
+    def to_backbone(self, name: str) -> str:
+        return self._apply(self._forward, name)
+
+    def to_checkpoint(self, name: str) -> str:
+        return self._apply(self._backward, name)
+
+
+_LLADA_MAP = NameMap(_LLADA_NAMES)
 
 
 def _llada_config(data: dict, where: str) -> dict:
@@ -141,7 +165,7 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "llada": Layout(
         "llada", "llama", "full", "full", 32, ("<|mdm_mask|>",), LLADA_MASK_ID, False,
-        _llada_config, _llada_rename,
+        _llada_config, _LLADA_MAP.to_backbone, _LLADA_MAP.to_checkpoint,
     ),
     # Plain causal LMs, adapted to diffusion: shifted family with block-causal attention, which
     # with block size 1 is exactly the causal attention they were trained with.

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -113,7 +113,12 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> DiffusionLM:
         layout = layout_for_model_type(data.get("model_type"), where)
 
     config_cls, model_cls = BACKBONES[layout.backbone_type]
-    config = config_cls(**layout.translate_config(data, where))
+    try:
+        config = config_cls(**layout.translate_config(data, where))
+    except CheckpointError:
+        raise
+    except Exception as e:  # transformers validates fields strictly (types, layer_types length)
+        raise CheckpointError(f"{where}: invalid {layout.name} config: {type(e).__name__}: {e}") from None
     tokenizer = _load_tokenizer(folder)
     backbone = _load_weights(folder, model_cls, config, layout, dtype)
 
@@ -129,7 +134,12 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if not any((folder / n).is_file() for n in names):
         raise CheckpointError(f"{folder}: no tokenizer files (expected one of {', '.join(names)})")
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        if (folder / "tokenizer.json").is_file():
+            # tokenizer.json is the whole truth; AutoTokenizer would pick a class from model_type
+            # (e.g. Qwen2Tokenizer for qwen2) that rebuilds the pipeline with its own normaliser.
+            tok = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many types here; keep the cause visible
         tok = _fallback_tokenizer(folder)
         if tok is None:
@@ -142,11 +152,9 @@ def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
 def _fallback_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     """Checkpoints whose tokenizer class is remote code (Dream's DreamTokenizer is a Qwen2 BPE
     over vocab.json + merges.txt): read the files with the stock class instead."""
-    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+    from transformers import Qwen2Tokenizer
 
     try:
-        if (folder / "tokenizer.json").is_file():
-            return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             return Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception:
@@ -256,7 +264,7 @@ def _load_weights(folder: Path, model_cls, config, layout: Layout, dtype: torch.
     if missing:
         raise CheckpointError(
             f"{folder}: {len(missing)} weight(s) missing from {files} for the {layout.name} layout, "
-            f"e.g. {', '.join(missing[:4])}"
+            f"e.g. {', '.join(layout.checkpoint_name(k) for k in missing[:4])}"
         )
     if unexpected:
         shown = ", ".join(f"{found[k][0].name}:{found[k][1]}" for k in unexpected[:4])

@@ -1,0 +1,328 @@
+"""Sampler tests: exactness of the caches, batching, AR equivalence, step maps, stops, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tracerl import masks
+from tracerl.errors import ConfigError
+from tracerl.generation import STRATEGIES, SamplingConfig, generate
+from tracerl.generation.sampling import draw, sampling_distribution
+from tracerl.generation.unmasking import select, step_quota
+from tracerl.models import load_model
+
+EXACT_STRATEGIES = [s for s in STRATEGIES if s != "random"]
+
+
+def scrambled(name: str, std: float = 0.2, **overrides):
+    """A preset with large random weights: its greedy outputs are varied (a freshly initialised
+    model repeats one token) and its confidences well separated, so float32 rounding differences
+    between two exact computation orders (~1e-6) cannot flip a choice."""
+    model = load_model(name, **overrides)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return model
+
+
+@pytest.fixture(scope="module")
+def block_model():
+    return scrambled("tiny-block")
+
+
+@pytest.fixture(scope="module")
+def shifted_model():
+    return scrambled("tiny-shifted")
+
+
+@pytest.fixture(scope="module")
+def full_model():
+    return scrambled("tiny-full")
+
+
+def prompts_for(model):
+    tok = model.tokenizer
+    # Lengths 5, 1, 19, 12: prompt tails of every size share the first block.
+    return [tok.encode(t) for t in ("Hello", "x", "What is 12 + 30? Think.", "2, 4, 8, 16,")]
+
+
+def same(a, b):
+    return [(g.response_ids, g.step_map, g.nfe) for g in a] == [(g.response_ids, g.step_map, g.nfe) for g in b]
+
+
+# -- exactness ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["block", "shifted"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cached_equals_uncached(family, strategy, block_model, shifted_model):
+    model = block_model if family == "block" else shifted_model
+    kw = dict(max_new_tokens=21, strategy=strategy, threshold=0.3, seed=3, stop_token_ids=(), steps=3)
+    cached = generate(model, prompts_for(model), SamplingConfig(use_cache=True, **kw))
+    uncached = generate(model, prompts_for(model), SamplingConfig(use_cache=False, **kw))
+    assert same(cached, uncached)
+    assert len({tuple(g.response_ids) for g in cached}) > 1  # not a degenerate output
+
+
+@pytest.mark.parametrize("name", ["block", "shifted", "full"])
+@pytest.mark.parametrize("strategy", EXACT_STRATEGIES)
+def test_batched_equals_one_by_one(name, strategy, block_model, shifted_model, full_model):
+    model = {"block": block_model, "shifted": shifted_model, "full": full_model}[name]
+    config = SamplingConfig(max_new_tokens=17, strategy=strategy, threshold=0.3, stop_token_ids=())
+    prompts = prompts_for(model)
+    batched = generate(model, prompts, config)
+    single = [generate(model, [p], config)[0] for p in prompts]
+    assert same(batched, single)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_approximate_caches_exact_when_one_step_per_block(mode, full_model):
+    # Fast-dLLM caches are refreshed at each block's first step, so with one step per block they
+    # must reproduce the no-cache decoding exactly; with more steps they may differ.
+    base = dict(max_new_tokens=24, block_size=4, steps=1, stop_token_ids=())
+    ref = generate(full_model, prompts_for(full_model), SamplingConfig(full_cache="none", **base))
+    got = generate(full_model, prompts_for(full_model), SamplingConfig(full_cache=mode, **base))
+    assert same(ref, got)
+    more = generate(full_model, prompts_for(full_model),
+                    SamplingConfig(full_cache=mode, max_new_tokens=24, block_size=4, stop_token_ids=()))
+    assert all(len(g.response_ids) == 24 for g in more)
+
+
+def test_shifted_block1_greedy_equals_autoregressive():
+    model = scrambled("tiny-shifted")
+    tok = model.tokenizer
+    for text in ("The quick brown fox", "a"):
+        ids = tok.encode(text)
+        ours = generate(model, [ids], SamplingConfig(max_new_tokens=40, block_size=1, steps=1, stop_token_ids=()))
+        ref = model.backbone.generate(
+            torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+            pad_token_id=tok.pad_token_id,
+        )
+        assert ours[0].response_ids == ref[0, len(ids):].tolist()
+        assert len(set(ours[0].response_ids)) > 3
+
+
+# -- the trace ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["static", "dynamic", "margin"])
+def test_step_map_replays_to_the_tokens(strategy, block_model):
+    """Teacher-forcing the trace: the state before step n (tokens with step < n visible, the rest
+    masked) must make the greedy sampler pick exactly the tokens recorded at step n."""
+    model = block_model
+    b, steps = 4, 4
+    prompt = model.tokenizer.encode("What is 12 + 30? Think.")
+    gen = generate(model, [prompt], SamplingConfig(max_new_tokens=22, strategy=strategy, threshold=0.3,
+                                                   stop_token_ids=()))[0]
+    sm = torch.tensor(gen.step_map)
+    assert len(gen.step_map) == len(gen.response_ids)
+    blocks = (len(prompt) + torch.arange(len(sm))) // b
+    for k in blocks.unique():  # every block's steps come after all steps of earlier blocks
+        assert sm[blocks == k].min() > (sm[blocks < k].max() if (blocks < k).any() else 0)
+        assert sm[blocks == k].max() - sm[blocks == k].min() < steps
+    assert (sm[1:] >= 0).all() and sorted(set(sm.tolist())) == list(range(1, gen.nfe + 1))
+
+    full = torch.tensor(prompt + gen.response_ids)[None]
+    pos = torch.arange(full.shape[1])[None]
+    valid = torch.ones_like(full, dtype=torch.bool)
+    mask = masks.block_causal_mask(pos, b, key_valid=valid)
+    for n in range(1, gen.nfe + 1):
+        state = full.clone()
+        hidden_cols = len(prompt) + torch.nonzero(sm >= n).squeeze(-1)
+        state[0, hidden_cols] = model.mask_token_id
+        # Block-causal: later blocks don't influence this one, so masking them changes nothing.
+        logits = model(state, attention_mask=mask, position_ids=pos)
+        logits[..., model.mask_token_id] = float("-inf")
+        cols = len(prompt) + torch.nonzero(sm == n).squeeze(-1)
+        assert logits[0, cols].argmax(-1).tolist() == full[0, cols].tolist()
+
+
+def test_logprobs_are_those_of_the_sampling_distribution(block_model):
+    gen = generate(block_model, prompts_for(block_model)[:1],
+                   SamplingConfig(max_new_tokens=8, temperature=0.7, top_k=50, seed=1, return_logprobs=True,
+                                  stop_token_ids=()))[0]
+    assert len(gen.logprobs) == len(gen.confidences) == len(gen.response_ids)
+    for lp, c in zip(gen.logprobs, gen.confidences):
+        assert 0 < c <= 1 and lp == pytest.approx(torch.tensor(c).log().item())
+
+
+# -- stops, limits, masks -------------------------------------------------------------------
+
+
+def test_stop_token_cuts_right_after_first_occurrence(block_model):
+    model = block_model
+    prompt = prompts_for(model)[2]
+    free = generate(model, [prompt], SamplingConfig(max_new_tokens=30, stop_token_ids=()))[0]
+    stop = free.response_ids[9]
+    first = free.response_ids.index(stop)
+    cut = generate(model, [prompt], SamplingConfig(max_new_tokens=30, stop_token_ids=(stop,)))[0]
+    assert cut.response_ids == free.response_ids[: first + 1]
+    assert cut.step_map == free.step_map[: first + 1]
+    assert cut.finish_reason == "stop" and free.finish_reason == "length"
+    # A stop token inside the prompt is not a stop.
+    in_prompt = generate(model, [prompt + [stop]], SamplingConfig(max_new_tokens=6, stop_token_ids=(stop,)))[0]
+    assert len(in_prompt.response_ids) >= 1 and in_prompt.prompt_ids[-1] == stop
+
+
+def test_max_new_tokens_and_partial_last_block(block_model):
+    for n in (1, 3, 4, 7):
+        gens = generate(block_model, prompts_for(block_model), SamplingConfig(max_new_tokens=n, stop_token_ids=()))
+        assert [len(g.response_ids) for g in gens] == [n] * 4
+        assert all(g.finish_reason == "length" for g in gens)
+
+
+def test_never_emits_mask_token_even_when_it_is_the_most_likely(block_model):
+    model = scrambled("tiny-block")
+    with torch.no_grad():
+        model.backbone.lm_head.weight[model.mask_token_id] *= 100  # tied: also its embedding
+        model.backbone.get_output_embeddings().bias = None
+    gen = generate(model, prompts_for(model), SamplingConfig(max_new_tokens=12, temperature=1.0, seed=0,
+                                                             stop_token_ids=()))
+    assert all(model.mask_token_id not in g.response_ids for g in gen)
+
+
+def test_prompt_tokens_never_overwritten_when_block_exceeds_steps(block_model):
+    # Upstream bug: block > steps could overwrite fixed tokens in the first block.
+    prompt = block_model.tokenizer.encode("abcdefg")  # 7 tokens: tail of 7 in a block of 16
+    gen = generate(block_model, [prompt], SamplingConfig(max_new_tokens=20, block_size=16, steps=3,
+                                                          stop_token_ids=()))[0]
+    assert gen.prompt_ids == prompt and len(gen.response_ids) == 20
+    assert gen.nfe <= 3 * 2  # two blocks touched, at most `steps` forwards each
+
+
+def test_dynamic_threshold_extremes(block_model):
+    prompts = prompts_for(block_model)
+    static = generate(block_model, prompts, SamplingConfig(max_new_tokens=16, stop_token_ids=()))
+    strict = generate(block_model, prompts, SamplingConfig(max_new_tokens=16, strategy="dynamic", threshold=1.0,
+                                                           stop_token_ids=()))
+    assert same(static, strict)  # confidence > 1 never happens: dynamic falls back to static
+    eager = generate(block_model, prompts, SamplingConfig(max_new_tokens=16, strategy="dynamic", threshold=1e-12,
+                                                          stop_token_ids=()))
+    for g in eager:  # every block decoded in one forward
+        blocks = {(len(g.prompt_ids) + j) // 4 for j in range(len(g.response_ids))}
+        assert g.nfe == len(blocks)
+
+
+# -- unmasking rules and sampling (unit level) ----------------------------------------------
+
+
+def test_step_quota_spreads_evenly():
+    m = torch.tensor([4, 8, 4, 3, 0, 2])
+    got = torch.stack([step_quota(m, torch.full_like(m, s), 4) for s in range(4)], 1)
+    # Fewer masks than steps: one per step, then (never reached) "everything left".
+    assert got.tolist() == [[1, 1, 1, 1], [2, 2, 2, 2], [1, 1, 1, 1], [1, 1, 1, 3], [0, 0, 0, 0], [1, 1, 2, 2]]
+    m = torch.tensor([4])  # 4 masks, 3 steps -> (2, 1, 1)
+    assert [step_quota(m, torch.tensor([s]), 3).item() for s in range(3)] == [2, 1, 1]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_rules_select_only_masked_and_at_least_quota(strategy):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(6, 8, 30, generator=g) * 3
+        d = draw(logits, temperature=1.0, top_k=0, top_p=1.0, banned_ids=None, generator=g)
+        masked = torch.rand(6, 8, generator=g) < 0.6
+        quota = torch.randint(0, 4, (6,), generator=g)
+        chosen = select(strategy, d, masked, quota, threshold=0.5, eb_threshold=0.5, generator=g)
+        assert not (chosen & ~masked).any()
+        assert (chosen.sum(-1) >= torch.minimum(quota, masked.sum(-1))).all()
+        if strategy in ("static", "sequential", "random", "margin"):
+            assert (chosen.sum(-1) == torch.minimum(quota, masked.sum(-1))).all()
+
+
+def test_static_picks_most_confident_and_sequential_leftmost():
+    conf = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+    d = draw(torch.zeros(1, 4, 5), temperature=0, top_k=0, top_p=1, banned_ids=None, generator=None)
+    d.confidence = conf
+    masked = torch.tensor([[True, True, False, True]])
+    q = torch.tensor([2])
+    assert select("static", d, masked, q, threshold=.5, eb_threshold=1, generator=None).tolist() == [[False, True, False, True]]
+    assert select("sequential", d, masked, q, threshold=.5, eb_threshold=1, generator=None).tolist() == [[True, True, False, False]]
+    assert select("dynamic", d, masked, torch.tensor([1]), threshold=0.6, eb_threshold=1, generator=None).tolist() == [[False, True, False, True]]
+
+
+def test_sampling_distribution_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    assert sampling_distribution(logits, 1.0, 1, 1.0).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    p = sampling_distribution(logits, 1.0, 0, 0.7)
+    full = torch.softmax(logits, -1)
+    assert full[0, 0] < 0.7 < full[0, :2].sum()  # the nucleus is the top two tokens
+    assert torch.allclose(p[0, :2], full[0, :2] / full[0, :2].sum()) and p[0, 2:].sum() == 0
+    assert torch.allclose(sampling_distribution(logits, 0.5, 0, 1.0), torch.softmax(logits / 0.5, -1))
+
+
+def test_temperature_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))[None, None].expand(1, 4000, 3)
+    g = torch.Generator().manual_seed(0)
+    d = draw(logits, temperature=1.0, top_k=0, top_p=1.0, banned_ids=None, generator=g)
+    freq = torch.bincount(d.tokens.flatten(), minlength=3).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+    again = draw(logits, temperature=1.0, top_k=0, top_p=1.0, banned_ids=None, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(d.tokens, again.tokens)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,option", [
+    (dict(strategy="fastest"), "strategy"),
+    (dict(threshold=0.0), "threshold"),
+    (dict(threshold=1.5), "threshold"),
+    (dict(steps=0), "steps"),
+    (dict(block_size=0), "block_size"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_k=-1), "top_k"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(full_cache="triple"), "full_cache"),
+])
+def test_bad_options_name_the_option(kwargs, option):
+    with pytest.raises(ConfigError, match=option):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_prompts(block_model):
+    with pytest.raises(ConfigError, match="empty"):
+        generate(block_model, [[]], SamplingConfig())
+    with pytest.raises(ConfigError, match="context"):
+        generate(block_model, [[65] * block_model.max_positions], SamplingConfig())
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        generate(block_model, [[65, 10**6]], SamplingConfig())
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tracerl.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_generate_json():
+    out = run_cli("generate", "--model", "tiny-block", "--prompt", "Hello there", "--max-new-tokens", "10",
+                  "--strategy", "dynamic", "--threshold", "0.5", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"text", "token_ids", "step_map", "nfe"} <= set(data)
+    assert len(data["token_ids"]) == len(data["step_map"]) <= 10
+    assert 259 not in data["token_ids"]  # the tiny tokenizer's mask id
+
+
+def test_cli_generate_bad_option_is_one_line():
+    out = run_cli("generate", "--prompt", "Hi", "--threshold", "2", "--strategy", "dynamic")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "threshold" in out.stderr
+    out = run_cli("generate", "--prompt", "", "--json")
+    assert out.returncode == 2 and "prompt" in out.stderr
+
+
+def test_cli_chat_template():
+    out = run_cli("generate", "--prompt", "Hi", "--chat", "--max-new-tokens", "4", "--json")
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert data["prompt_ids"][:1] == [257]  # <|im_start|>
