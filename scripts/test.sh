@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 # Headless Chromium (Debian's package) for the trace-viewer page test; best effort: where it
 # cannot be installed that test is skipped and says why.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
         || echo "warning: could not install chromium; the trace page test will be skipped" >&2
 fi
 exec .venv/bin/python -m pytest "$@"

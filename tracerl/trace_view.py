@@ -23,8 +23,7 @@ _PAGE = """<!DOCTYPE html>
  .prompt { color: #666; white-space: pre-wrap; font-family: monospace; margin-bottom: .6em; }
  .tokens { font-family: monospace; font-size: 15px; line-height: 1.9; white-space: pre-wrap; }
  .tok { border-radius: 3px; padding: 1px 0; }
- .tok.masked { background: #ddd !important; color: transparent; }
- .tok.masked::before { content: "\\25A2"; color: #999; position: absolute; }
+ .tok.masked { background: #e4e4e4 !important; color: #999; }
  .tok.new { outline: 2px solid #222; }
  .controls { margin: .8em 0 1.2em; display: flex; gap: 1em; align-items: center; }
  input[type=range] { width: 420px; }
@@ -61,7 +60,7 @@ _PAGE = """<!DOCTYPE html>
       const s = document.createElement("span");
       s.className = "tok";
       s.dataset.step = g.step_map[i];
-      s.textContent = t;
+      s.dataset.text = t.replace(/\\n/g, "\\u21B5\\n");  // keep line breaks visible
       s.title = `step ${g.step_map[i]}`;
       s.style.background = `hsl(${Math.round(240 * (g.step_map[i] - 1) / last)}, 70%, 85%)`;
       toks.appendChild(s);
@@ -79,6 +78,7 @@ _PAGE = """<!DOCTYPE html>
     for (const s of document.querySelectorAll(".tok")) {
       const k = Number(s.dataset.step);
       s.classList.toggle("masked", k > step);
+      s.textContent = k > step ? "\u25A2" : s.dataset.text;
       s.classList.toggle("new", k === step);
     }
     document.body.dataset.step = step;
@@ -99,13 +99,26 @@ _PAGE = """<!DOCTYPE html>
 """
 
 
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """One display string per token whose concatenation is the decoded text: a character split
+    over several byte-level tokens is shown on the token that completes it."""
+    pieces, start = [], 0
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[start : i + 1], skip_special_tokens=False)
+        if text.endswith("\ufffd") and i + 1 < len(ids):
+            pieces.append("")  # incomplete UTF-8 sequence: wait for the next token
+            continue
+        pieces.append(text)
+        start = i + 1
+    return pieces
+
+
 def trace_payload(tokenizer, generations: list[Generation], labels: list[str] | None = None) -> dict:
     items = []
     for i, g in enumerate(generations):
         items.append({
             "prompt": tokenizer.decode(g.prompt_ids, skip_special_tokens=False),
-            # One string per token; a multi-byte character split across tokens shows as U+FFFD.
-            "tokens": [tokenizer.decode([t], skip_special_tokens=False) for t in g.response_ids],
+            "tokens": token_pieces(tokenizer, g.response_ids),
             "step_map": list(g.step_map),
             "nfe": g.nfe,
             "block_size": g.block_size,

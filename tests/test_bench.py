@@ -1,0 +1,24 @@
+"""The generation benchmark runs end to end and reports consistent figures (no speed asserts)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_generate_quick_json():
+    out = subprocess.run([sys.executable, "-m", "tracerl.cli", "bench", "generate", "--quick", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("tokens_per_s", "nfe_per_token", "forward_fraction", "cache_speedup"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    assert 0 < data["forward_fraction"] <= 1
+    assert data["nfe_per_token"] == pytest.approx(1.0)  # static, one token per step
+    runs = data["runs"]
+    assert set(runs) == {"batch1_cache", "batch1_nocache", "batch4_cache", "batch4_nocache"}
+    assert all(r["new_tokens"] == r["forwards"] * (4 if "batch4" in name else 1) for name, r in runs.items())
+    assert data["cache_speedup"] == pytest.approx(runs["batch4_nocache"]["seconds"] / runs["batch4_cache"]["seconds"])
+    assert "tokens/s" in out.stderr  # the table goes to stderr under --json
