@@ -161,6 +161,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from tracerl.scoring import score_file
+
+    summary = score_file(args.task, args.input, args.output, skip_bad_rows=args.skip_bad_rows,
+                         workers=args.workers, answer_field=args.answer_field)
+    if args.json:
+        _emit_json(summary)
+    else:
+        print(f"scored {summary['scored']} rows ({summary['skipped']} skipped): accuracy "
+              f"{summary['accuracy']:.4f}, mean reward {summary['mean_reward']:.4f} -> {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tracerl.config import load_config
+    from tracerl.evaluation import EvalConfig, run_eval
+
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not os.path.exists(args.config):
+        overrides.insert(0, args.config)  # `tracerl eval n=2`: no file, only overrides
+        args.config = None
+    config = load_config(EvalConfig, args.config, overrides)
+    summary = run_eval(config, show_progress=not args.no_progress)
+    table = "\n".join(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}"
+                      for k, v in summary.items() if k != "sampling")
+    print(table, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        _emit_json(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tracerl",
@@ -195,6 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("score", help="score existing generations (a 'response' field + task fields)")
+    p.add_argument("--task", required=True, choices=["math", "code"])
+    p.add_argument("--input", required=True, help="JSONL with a 'response' field and the task fields")
+    p.add_argument("--output", required=True, help="JSONL: every input row, in order, with the scores added")
+    p.add_argument("--answer-field", default="ground_truth_answer", help="math: the gold answer's field")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="keep going past malformed rows (they are written back with an 'error' field)")
+    p.add_argument("--workers", type=int, default=2, help="code: programs run in parallel")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="generate for a task and report accuracy, pass@k, length, NFE, speed")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/eval-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.steps=2 n=4")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="describe a model: family, mask token, block size, size")
     p.add_argument("model")

@@ -7,6 +7,7 @@ Nothing in the backbone is patched, so its weights stay readable by ``from_pretr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -134,28 +135,42 @@ class DiffusionLM(nn.Module):
         The folder is written next to its destination and renamed into place, so a reader never
         sees a half-written checkpoint; an existing folder at ``folder`` is replaced.
         """
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-        try:
-            self.backbone.config.tracerl = self.spec.to_dict()
-            self.backbone.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            _check_saved_config(tmp / "config.json")
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-                folder.rename(old)
-                tmp.rename(folder)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return folder
+        with atomic_folder(folder) as tmp:
+            self.write_files(tmp)
+        return Path(folder)
+
+    def write_files(self, folder: Path) -> None:
+        """Write the model files into an existing folder (no atomicity: see save_pretrained)."""
+        backbone = self.backbone
+        if hasattr(backbone, "peft_config"):  # LoRA: write the merged weights, keep the adapter live
+            raise RuntimeError("merge or export the LoRA adapter before saving (tracerl.train.lora)")
+        backbone.config.tracerl = self.spec.to_dict()
+        backbone.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        _check_saved_config(Path(folder) / "config.json")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters())
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str | os.PathLike):
+    """Yield a temporary sibling folder; on success rename it to ``folder`` (replacing it)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def _check_saved_config(path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Task sources (reasoning-gym, HumanEval, JSONL, local datasets), JSONL I/O, prompt templates."""

