@@ -1,0 +1,67 @@
+"""`tracerl eval` and `tracerl score` end to end (real subprocesses, tiny preset, embedded task)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "tracerl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def last_json(out):
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_eval_tiny_end_to_end(tmp_path):
+    out = cli("eval", str(CONFIGS / "eval-tiny.yaml"), f"output_dir={tmp_path}", "task.size=6", "n=2",
+              "sampling.temperature=1.0", "sampling.seed=3", "--json")
+    summary = last_json(out)
+    for key in ("accuracy", "pass@1", "pass@2", "mean_response_length", "nfe_per_token", "tokens_per_s"):
+        assert key in summary
+    assert summary["problems"] == 6 and summary["samples"] == 12
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 12
+    for s in samples:
+        assert len(s["step_map"]) == len(s["token_ids"]) <= 8 and s["reward"] in (0.0, 1.0)
+    assert json.loads((tmp_path / "summary.json").read_text())["accuracy"] == summary["accuracy"]
+    assert summary["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
+    assert "eval" in out.stderr  # progress bar on stderr
+
+
+def test_eval_bad_override_is_one_line():
+    out = cli("eval", str(CONFIGS / "eval-tiny.yaml"), "sampling.strategy=fastest")
+    assert out.returncode == 2 and "strategy" in out.stderr and out.stdout == ""
+
+
+def test_score_math_keeps_every_row_in_order(tmp_path):
+    rows = [
+        {"id": 1, "response": "so \\boxed{\\frac{1}{2}}", "ground_truth_answer": "0.5"},
+        {"id": 2, "response": "The answer is 12", "ground_truth_answer": "(1,2)"},
+        {"id": 3, "response": "no answer", "ground_truth_answer": 7},
+        {"id": 4, "response": 42, "ground_truth_answer": "42"},  # wrong type: an error row
+        {"id": 5, "response": "\\boxed{3}", "ground_truth_answer": "3"},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = cli("score", "--task", "math", "--input", str(src), "--output", str(tmp_path / "out.jsonl"), "--json")
+    assert out.returncode == 2 and "in.jsonl:4" in out.stderr and "'response'" in out.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+    summary = last_json(cli("score", "--task", "math", "--input", str(src), "--output", str(tmp_path / "out.jsonl"),
+                            "--skip-bad-rows", "--json"))
+    scored = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in scored] == [1, 2, 3, 4, 5]
+    assert [r["correct"] for r in scored] == [True, False, False, None, True]
+    assert scored[0]["extracted_answer"] == "\\frac{1}{2}" and "error" in scored[3]
+    assert summary["scored"] == 4 and summary["skipped"] == 1 and summary["accuracy"] == 0.5
