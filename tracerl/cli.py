@@ -178,17 +178,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tracerl.config import load_config
     from tracerl.evaluation import EvalConfig, run_eval
 
-    overrides = list(args.overrides)
-    if args.config and "=" in args.config and not os.path.exists(args.config):
-        overrides.insert(0, args.config)  # `tracerl eval n=2`: no file, only overrides
-        args.config = None
-    config = load_config(EvalConfig, args.config, overrides)
+    path, overrides = _overrides_and_config(args)
+    config = load_config(EvalConfig, path, overrides)
     summary = run_eval(config, show_progress=not args.no_progress)
     table = "\n".join(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}"
                       for k, v in summary.items() if k != "sampling")
     print(table, file=sys.stderr if args.json else sys.stdout)
     if args.json:
         _emit_json(summary)
+    return 0
+
+
+def _overrides_and_config(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    overrides = list(args.overrides)
+    config = args.config
+    if config and "=" in config and not os.path.exists(config):
+        overrides.insert(0, config)  # `tracerl eval n=2`: no file, only overrides
+        config = None
+    return config, overrides
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from tracerl.config import load_config
+    from tracerl.train.sft import SFTConfig, run_sft
+
+    path, overrides = _overrides_and_config(args)
+    summary = run_sft(load_config(SFTConfig, path, overrides), progress=not args.no_progress)
+    if args.json:
+        _emit_json(summary)
+    else:
+        for k, v in summary.items():
+            print(f"{k:22s} {v}")
     return 0
 
 
@@ -244,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning (block, trace, random-masking, semi-AR, AR)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/sft-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=10 optim.lr=1e-4")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("info", help="describe a model: family, mask token, block size, size")
     p.add_argument("model")

@@ -85,6 +85,14 @@ class TrainingRun:
         return contextlib.nullcontext()
 
     # -- resume ---------------------------------------------------------------------------
+    def start_fresh(self) -> None:
+        """A new run: refuse to mix with the checkpoints of an earlier one."""
+        existing = ckpt.latest_checkpoint(self.output_dir)
+        if existing is not None:
+            raise ConfigError(f"output_dir {self.output_dir} already holds checkpoint {existing.name}; "
+                              "pass resume=true to continue it, or choose another output_dir")
+        self.metrics.truncate_after(0)
+
     def resume(self) -> dict | None:
         """Restore the latest complete checkpoint; returns its trainer state (None: fresh run)."""
         path = ckpt.latest_checkpoint(self.output_dir)

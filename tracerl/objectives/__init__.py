@@ -1,0 +1,46 @@
+"""Training objectives shared by every model family: rows (trace rows, two-copy layout), SFT
+row builders, and the shared weighted-NLL loss with its optimizer-batch normalisation."""
+
+from tracerl.objectives.examples import Example, as_example, as_examples, count_response_tokens
+from tracerl.objectives.loss import sft_loss, weighted_nll
+from tracerl.objectives.rows import (
+    MASK_KINDS,
+    Rows,
+    build_trace_rows,
+    response_blocks,
+    shrink_steps,
+    target_logprobs,
+)
+from tracerl.objectives.sft import (
+    METHOD_FAMILIES,
+    SFT_METHODS,
+    ar_rows,
+    block_sft_rows,
+    build_sft_rows,
+    random_masking_rows,
+    semi_ar_rows,
+    trace_sft_rows,
+)
+
+__all__ = [
+    "MASK_KINDS",
+    "METHOD_FAMILIES",
+    "SFT_METHODS",
+    "Example",
+    "Rows",
+    "ar_rows",
+    "as_example",
+    "as_examples",
+    "block_sft_rows",
+    "build_sft_rows",
+    "build_trace_rows",
+    "count_response_tokens",
+    "random_masking_rows",
+    "response_blocks",
+    "semi_ar_rows",
+    "sft_loss",
+    "shrink_steps",
+    "target_logprobs",
+    "trace_sft_rows",
+    "weighted_nll",
+]

@@ -1,0 +1,69 @@
+"""The training example every objective consumes: token ids and, optionally, the decoding trace.
+
+An example is ``prompt_ids`` + ``response_ids`` (already ending with the stop token, if any) +
+an optional ``step_map`` (per response token, the 1-based index of the sampler forward that
+unmasked it, global across blocks; see generation/sampler.py).  Token ids travel between
+phases, never text (DESIGN.md principle 2), so a trace can never be misaligned with its tokens
+by a tokenizer round trip (upstream bug, reference notes §8.2): a step map of the wrong length
+is an error here, not something to pad or truncate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tracerl.errors import ConfigError
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    step_map: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = [int(t) for t in self.prompt_ids]
+        self.response_ids = [int(t) for t in self.response_ids]
+        if self.step_map is not None:
+            self.step_map = [int(s) for s in self.step_map]
+            if len(self.step_map) != len(self.response_ids):
+                raise ConfigError(
+                    f"step_map: {len(self.step_map)} values for {len(self.response_ids)} response "
+                    "tokens; a trace must have exactly one step per response token"
+                )
+
+    def steps(self) -> list[int]:
+        """The step map, or the left-to-right default ``σ(j) = j + 1`` when there is none."""
+        if self.step_map is not None:
+            return self.step_map
+        return list(range(1, len(self.response_ids) + 1))
+
+
+def as_example(item: Any, where: str = "example") -> Example:
+    """An ``Example`` from an Example, a mapping or any object with the same attributes
+    (e.g. ``tracerl.generation.Generation``)."""
+    if isinstance(item, Example):
+        return item
+    if isinstance(item, Mapping):
+        get = item.get
+    else:
+        def get(name, default=None):
+            return getattr(item, name, default)
+    prompt, response = get("prompt_ids"), get("response_ids")
+    if prompt is None or response is None:
+        raise ConfigError(f"{where}: needs 'prompt_ids' and 'response_ids'")
+    try:
+        return Example(list(prompt), list(response), get("step_map"))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def as_examples(items: Iterable[Any]) -> list[Example]:
+    return [as_example(x, f"example {i}") for i, x in enumerate(items)]
+
+
+def count_response_tokens(examples: Iterable[Any]) -> int:
+    """Number of real response tokens: the loss normaliser N of an optimizer batch (loss.py)."""
+    return sum(len(as_example(x).response_ids) for x in examples)
