@@ -1,0 +1,21 @@
+"""Every shipped YAML preset parses against its schema (typos in presets fail here, not on a GPU)."""
+
+from pathlib import Path
+
+import pytest
+
+from tracerl.config import load_config
+from tracerl.evaluation import EvalConfig
+from tracerl.train.sft import SFTConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+SCHEMAS = {"sft": SFTConfig, "eval": EvalConfig}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_preset_parses(path):
+    schema = SCHEMAS.get(path.name.split("-")[0])
+    if schema is None:
+        pytest.skip(f"no schema registered for {path.name} yet")
+    config = load_config(schema, path)
+    assert config.model
