@@ -125,7 +125,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json(result)
         return 0
-    raise TracerlError(f"bench: unknown benchmark {args.what!r}; valid: generate")
+    if args.what == "train":
+        from tracerl.bench_train import bench_train, format_train_table
+
+        result = bench_train(quick=args.quick)
+        print(format_train_table(result), file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            _emit_json(result)
+        return 0
+    raise TracerlError(f"bench: unknown benchmark {args.what!r}; valid: generate, train")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -239,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(p)
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("bench", help="benchmarks (generate)")
-    p.add_argument("what", help="benchmark name: generate")
+    p = sub.add_parser("bench", help="benchmarks (generate, train)")
+    p.add_argument("what", help="benchmark name: generate, train")
     p.add_argument("--model", default="tiny-block")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")
