@@ -65,3 +65,24 @@ def test_score_math_keeps_every_row_in_order(tmp_path):
     assert [r["correct"] for r in scored] == [True, False, False, None, True]
     assert scored[0]["extracted_answer"] == "\\frac{1}{2}" and "error" in scored[3]
     assert summary["scored"] == 4 and summary["skipped"] == 1 and summary["accuracy"] == 0.5
+
+
+def test_score_code_rows(tmp_path):
+    tests = {"test_method": "function", "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
+    rows = [
+        {"id": "ok", "response": "```python\ndef add(a, b):\n    return a + b\n```", **tests},
+        {"id": "half", "response": "```python\ndef add(a, b):\n    return 3\n```", **tests},
+        {"id": "cheat", "response": "```python\nimport sys\ndef add(a, b):\n    sys.exit(0)\n```", **tests},
+        {"id": "stdio", "response": "```python\nprint(int(input()) * 2)\n```", "test_method": "stdio",
+         "test_input": ["2\n", "5\n"], "test_output": ["4\n", "10   \n\n"]},
+    ]
+    src = tmp_path / "code.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = last_json(cli("score", "--task", "code", "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                            "--json"))
+    scored = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in scored] == ["ok", "half", "cheat", "stdio"]
+    assert [r["reward"] for r in scored] == [1.0, 0.5, 0.0, 1.0]
+    assert [r["correct"] for r in scored] == [True, False, False, True]
+    assert scored[1]["verdicts"] == ["passed", "failed"]
+    assert summary["accuracy"] == 0.5
