@@ -11,6 +11,17 @@ from tracerl.objectives.rows import (
     shrink_steps,
     target_logprobs,
 )
+from tracerl.objectives.rl import (
+    DEFAULT_NORMALISATION,
+    NORMALISATIONS,
+    RL_METHODS,
+    group_advantages,
+    k3,
+    policy_loss,
+    rl_normaliser,
+    rl_rows,
+)
+from tracerl.objectives.value import ValueModel, gae_over_steps, gae_targets, value_loss
 from tracerl.objectives.sft import (
     METHOD_FAMILIES,
     SFT_METHODS,
@@ -23,6 +34,18 @@ from tracerl.objectives.sft import (
 )
 
 __all__ = [
+    "DEFAULT_NORMALISATION",
+    "NORMALISATIONS",
+    "RL_METHODS",
+    "ValueModel",
+    "gae_over_steps",
+    "gae_targets",
+    "group_advantages",
+    "k3",
+    "policy_loss",
+    "rl_normaliser",
+    "rl_rows",
+    "value_loss",
     "MASK_KINDS",
     "METHOD_FAMILIES",
     "SFT_METHODS",
