@@ -6,10 +6,11 @@ import pytest
 
 from tracerl.config import load_config
 from tracerl.evaluation import EvalConfig
+from tracerl.rl import RLConfig
 from tracerl.train.sft import SFTConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
-SCHEMAS = {"sft": SFTConfig, "eval": EvalConfig}
+SCHEMAS = {"sft": SFTConfig, "eval": EvalConfig, "rl": RLConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -220,6 +220,20 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl(args: argparse.Namespace) -> int:
+    from tracerl.config import load_config
+    from tracerl.rl import RLConfig, run_rl
+
+    path, overrides = _overrides_and_config(args)
+    summary = run_rl(load_config(RLConfig, path, overrides), progress=not args.no_progress)
+    if args.json:
+        _emit_json(summary)
+    else:
+        for k, v in summary.items():
+            print(f"{k:22s} {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tracerl",
@@ -279,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rl", help="reinforcement learning: TraceRL (+ value model), random-masking, coupled")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/rl-tiny.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. policy.method=coupled")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_rl)
 
     p = sub.add_parser("info", help="describe a model: family, mask token, block size, size")
     p.add_argument("model")

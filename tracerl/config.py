@@ -97,6 +97,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where "1e-3" (no dot) is a string, not a float.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
         return float(value)
@@ -105,6 +111,22 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
         return value
     return value
+
+
+def _shallow_dict(obj: Any) -> dict:
+    """Field values of a dataclass instance, nested dataclasses as dicts (for merging)."""
+    return {f.name: (_shallow_dict(v) if dataclasses.is_dataclass(v := getattr(obj, f.name)) else v)
+            for f in dataclasses.fields(obj)}
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
@@ -116,6 +138,15 @@ def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
             f"{', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
+    data = dict(data)
+    for name, value in data.items():
+        # A partial section keeps the recipe's own defaults for the keys it does not set (e.g. an
+        # RL task defaults to the train split even when only task.name is given).
+        f = fields[name]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                data[name] = _deep_merge(_shallow_dict(default), value)
     kwargs = {name: _coerce(value, hints[name], prefix + name, where) for name, value in data.items()}
     try:
         return cls(**kwargs)
