@@ -2,9 +2,11 @@
 
 Layout: ``OUTPUT/checkpoints/step-00000010/`` is an HF model folder (loadable by
 ``load_model``) plus ``trainer_state.pt`` (optimizer, RNG states, step, data position, ...)
-and, with LoRA, the live adapter in ``adapter/``.  A checkpoint is written into a temporary
-sibling folder and renamed into place, so a folder named ``step-*`` is always complete; a
-half-written one (a run killed mid-save) keeps its temporary name and is ignored and removed.
+and, with LoRA, the live adapter in ``adapter/`` (a peft folder; the model files then hold the
+merged weights, or are left out with ``lora.merge_on_save: false``).  A checkpoint is written
+into a temporary sibling folder and renamed into place, so a folder named ``step-*`` is always
+complete; a half-written one (a run killed mid-save) keeps its temporary name and is ignored and
+removed.  Non-finite weights are never written.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global RNGs (dropout, LoRA dropout, anything not drawing from a step generator),
+    so that a fresh run is a function of its config."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also every CUDA device
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -49,8 +59,11 @@ def save_checkpoint(output_dir: str | Path, step: int, model: DiffusionLM, train
     path = checkpoints_dir(output_dir) / f"step-{step:08d}"
     with atomic_folder(path) as tmp:
         if lora.is_lora(model):
-            lora.merged_copy(model).write_files(tmp)
-            lora.save_adapter(model, tmp / "adapter")
+            if lora.lora_config(model).merge_on_save:
+                lora.merged_copy(model).write_files(tmp)  # a plain HF folder: load_model reads it
+            else:
+                model.tokenizer.save_pretrained(tmp)
+            lora.save_adapter(model, tmp / "adapter")  # the live adapter: what resume restores
         else:
             model.write_files(tmp)
         torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")

@@ -5,13 +5,19 @@ Exact resume: everything that decides the next step is in the checkpoint (weight
 RNG states, the data sampler's position, the step), and per-step noise is drawn from generators
 seeded by ``(seed, step)``, so "N steps, kill -9, resume, N more" gives the same weights and the
 same metrics rows as 2N steps straight.  Rows logged after the last checkpoint of a killed run
-are dropped on resume and written again.
+are dropped on resume and written again.  A fresh run seeds the global RNGs from its seed
+(dropout, LoRA dropout), so it is a function of its config too.
+
+Resume refuses, before touching anything, a checkpoint past ``max_steps``, one trained with(out)
+LoRA or with other trainable parameters than this run's, and (through the recipe's ``validate``)
+other data.  A fresh run refuses an ``output_dir`` that already holds checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +48,8 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.accumulation < 1:
             raise ConfigError("loop.micro_batch and loop.accumulation must be >= 1")
+        if self.keep_last < 0:
+            raise ConfigError(f"loop.keep_last: must be >= 0 (0 = keep all), got {self.keep_last}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"loop.mixed_precision: {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
 
@@ -68,7 +76,9 @@ class TrainingRun:
         self.loop = loop
         self.step = 0
         if loop.gradient_checkpointing:
-            model.backbone.gradient_checkpointing_enable()
+            # Non-reentrant: the reentrant variant drops the gradients of a checkpointed segment
+            # whose inputs do not require grad, i.e. every LoRA adapter (frozen embeddings).
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
         self.metrics = MetricsLogger(self.output_dir, tensorboard=loop.tensorboard, wandb=loop.wandb,
                                      wandb_project=loop.wandb_project, run_config=run_config)
@@ -92,28 +102,56 @@ class TrainingRun:
             raise ConfigError(f"output_dir {self.output_dir} already holds checkpoint {existing.name}; "
                               "pass resume=true to continue it, or choose another output_dir")
         self.metrics.truncate_after(0)
+        ckpt.seed_everything(self.seed)
+        self._t_last = time.perf_counter()
 
-    def resume(self) -> dict | None:
-        """Restore the latest complete checkpoint; returns its trainer state (None: fresh run)."""
+    def _trainable(self) -> list[str]:
+        return [name for name, p in self.model.backbone.named_parameters() if p.requires_grad]
+
+    def resume(self, validate: Callable[[dict], None] | None = None) -> dict | None:
+        """Restore the latest complete checkpoint; returns its trainer state (None: fresh run).
+
+        ``validate(state)`` runs before anything is restored or rewritten: the recipe's own
+        checks and restores (e.g. the data sampler, which refuses other data)."""
         path = ckpt.latest_checkpoint(self.output_dir)
-        if path is None:
+        if path is None:  # nothing to resume: a fresh run
             self.metrics.truncate_after(0)
+            ckpt.seed_everything(self.seed)
+            self._t_last = time.perf_counter()
             return None
         state = ckpt.load_trainer_state(path)
+        step = int(state["step"])
+        if step > self.max_steps:
+            raise ConfigError(f"resume: checkpoint {path.name} is past max_steps={self.max_steps}; "
+                              f"raise max_steps or start a new output_dir")
+        saved_lora, live_lora = bool(state.get("lora", False)), lora.is_lora(self.model)
+        if saved_lora != live_lora:
+            raise ConfigError(f"resume: checkpoint {path.name} was trained "
+                              f"{'with' if saved_lora else 'without'} LoRA, this run has lora.enabled="
+                              f"{str(live_lora).lower()}")
+        if "trainable" in state and state["trainable"] != self._trainable():
+            raise ConfigError(f"resume: the trainable parameters differ from checkpoint {path.name}'s "
+                              "(another model or LoRA configuration?)")
+        if validate is not None:
+            validate(state)
         if lora.is_lora(self.model):
             lora.load_adapter_weights(self.model, path / "adapter")
         else:
             weights = load_file(str(path / "model.safetensors"))
-            missing, unexpected = self.model.backbone.load_state_dict(weights, strict=False)
+            try:
+                missing, unexpected = self.model.backbone.load_state_dict(weights, strict=False)
+            except RuntimeError as e:  # shape mismatch: another model
+                raise ConfigError(f"{path}: checkpoint does not match the model: {str(e).splitlines()[-1].strip()}") from None
             tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
             if set(missing) - tied or unexpected:
                 raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
         self.optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
-        self.step = int(state["step"])
+        self.step = step
         self.metrics.truncate_after(self.step)
         self.last_checkpoint = path
+        self._t_last = time.perf_counter()
         return state
 
     # -- stepping -------------------------------------------------------------------------
@@ -130,10 +168,16 @@ class TrainingRun:
         return self.step == self.max_steps or (self.save_every > 0 and self.step % self.save_every == 0)
 
     def save(self, extra_state: dict) -> Path:
-        state = {"optimizer": self.optimizer.state_dict(), **extra_state}
-        self.last_checkpoint = ckpt.save_checkpoint(self.output_dir, self.step, self.model, state,
-                                                    keep_last=self.loop.keep_last)
-        return self.last_checkpoint
+        state = {"optimizer": self.optimizer.state_dict(), "lora": lora.is_lora(self.model),
+                 "trainable": self._trainable(), **extra_state}
+        try:
+            path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, state,
+                                        keep_last=self.loop.keep_last)
+        except TrainingDiverged as e:
+            last = self.last_checkpoint or "none (no checkpoint written yet)"
+            raise TrainingDiverged(f"{e}; last good checkpoint: {last}") from None
+        self.last_checkpoint = path
+        return path
 
     def log(self, row: dict) -> dict:
         now = time.perf_counter()

@@ -1,5 +1,12 @@
 """Run metrics: one JSON object per step in ``metrics.jsonl``, TensorBoard events where
-installed, optional Weights & Biases (offline mode works without network)."""
+installed, optional Weights & Biases (offline mode works without network).
+
+The TensorBoard writer (and the W&B run) are opened on the first ``log``, not when the logger is
+made, so a run that fails its checks (e.g. a fresh run into an ``output_dir`` that holds
+checkpoints) leaves no event file behind in somebody else's run.  After a resume, TensorBoard is
+told to purge the events of the steps that are being redone (``purge_step``), the counterpart of
+``truncate_after`` for ``metrics.jsonl``.
+"""
 
 from __future__ import annotations
 
@@ -12,32 +19,58 @@ class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
                  wandb_project: str = "tracerl", run_config: dict | None = None) -> None:
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
+        self.tensorboard = tensorboard
+        self.wandb = wandb
+        self.wandb_project = wandb_project
+        self.run_config = run_config
+        self._opened = False
+        self._purge_step: int | None = None
         self._tb = None
-        if tensorboard:
+        self._wandb = None
+
+    def _open(self) -> None:
+        self._opened = True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:
                 self._tb = None  # tensorboard not installed: metrics.jsonl only
-        self._wandb = None
-        if wandb:
+            else:
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=self._purge_step)
+        if self.wandb:
             import wandb as wandb_lib  # an explicit request: fail loudly if it is missing
 
             os.environ.setdefault("WANDB_MODE", "offline")
-            self._wandb = wandb_lib.init(project=wandb_project, dir=str(self.dir), config=run_config or {})
+            self._wandb = wandb_lib.init(project=self.wandb_project, dir=str(self.dir),
+                                         config=self.run_config or {})
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows written after ``step`` (rows of a run killed after its last checkpoint)."""
+        """Drop rows written after ``step`` (rows of a run killed after its last checkpoint).
+
+        A run killed during a write can leave a half-written last line; it is dropped too.
+        """
+        self._purge_step = step + 1 if step > 0 else None
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn write of a killed run
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:
+        if not self._opened:
+            self._open()
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -53,8 +86,10 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
         if self._wandb is not None:
             self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -27,8 +27,12 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr: must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr: must be a finite number > 0, got {self.lr}")
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if not (self.eps > 0 and self.weight_decay >= 0):
+            raise ConfigError("optim.eps must be > 0 and optim.weight_decay >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optim.schedule: unknown {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -67,7 +71,12 @@ class Optimizer:
         lr = self.lr_at(step)
         for group in self.adamw.param_groups:
             group["lr"] = lr
-        self.adamw.step()
+        try:
+            self.adamw.step()
+        except RuntimeError as e:  # e.g. an lr so large that lr * update overflows the weights' dtype
+            if "overflow" not in str(e):
+                raise
+            raise TrainingDiverged(f"the update overflows the weights at step {step + 1} (lr {lr:g}): {e}") from None
         self.adamw.zero_grad(set_to_none=True)
         return {"lr": lr, "grad_norm": grad_norm}
 

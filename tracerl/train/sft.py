@@ -7,12 +7,15 @@ upstream SFT format: the prompt already templated) or ``{prompt_ids, response_id
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tracerl.data.jsonl import DataError, check_field, read_jsonl
 from tracerl.data.tasks import TaskConfig, load_problems
@@ -73,17 +76,23 @@ class SFTConfig:
 
 
 class EpochSampler:
-    """Seeded shuffling without replacement, epoch after epoch; its position is checkpointed."""
+    """Seeded shuffling without replacement, epoch after epoch; its position is checkpointed.
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed = size, seed
+    ``fingerprint`` (of the examples, see ``data_fingerprint``) is stored with the position so
+    that a resume on other data is refused rather than silently continuing at a meaningless
+    position."""
+
+    def __init__(self, size: int, seed: int, fingerprint: str | None = None) -> None:
+        if size < 1:
+            raise ConfigError("data: the dataset is empty")
+        self.size, self.seed, self.fingerprint = size, seed, fingerprint
         self.epoch, self.cursor = 0, 0
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
 
     def take(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             order = self._order()
             take = min(k - len(out), self.size - self.cursor)
@@ -94,17 +103,32 @@ class EpochSampler:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size}
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": self.size, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         if state["size"] != self.size:
             raise ConfigError(f"resume: the dataset has {self.size} examples, the checkpoint was made with "
                               f"{state['size']}; resume with the same data")
+        saved = state.get("fingerprint")
+        if saved is not None and self.fingerprint is not None and saved != self.fingerprint:
+            raise ConfigError(f"resume: the dataset differs from the one the checkpoint was made with (same size "
+                              f"{self.size}, other examples); resume with the same data")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
 
 
+def data_fingerprint(examples: list[Example]) -> str:
+    """A hash of the examples' token ids (and step maps), in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for part in (ex.prompt_ids, ex.response_ids, ex.step_map or []):
+            h.update(np.asarray(part, dtype=np.int64).tobytes())
+            h.update(b"|")
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
 def build_examples(model, data: SFTDataConfig) -> tuple[list[Example], int]:
-    """(examples, number dropped for length)."""
+    """(examples, number dropped: longer than ``max_length`` or with an empty response)."""
     tok = model.tokenizer
     eos = [tok.eos_token_id] if data.append_eos and tok.eos_token_id is not None else []
     examples: list[Example] = []
@@ -137,9 +161,13 @@ def build_examples(model, data: SFTDataConfig) -> tuple[list[Example], int]:
                 raise ConfigError(f"data.task: problem {p.id} has no reference answer to train on")
             text = data.response_format.format(answer=p.answer, question=p.question)
             examples.append(Example(prompt_ids(model, p, data.task), tok.encode(text, add_special_tokens=False) + eos))
-    kept = [e for e in examples if len(e.prompt_ids) + len(e.response_ids) <= data.max_length]
     if not examples:
         raise DataError("data: the dataset is empty")
+    # An empty response has nothing to supervise (and would make a batch of them a 0/0 loss).
+    nonempty = [e for e in examples if e.response_ids]
+    if not nonempty:
+        raise DataError(f"data: all {len(examples)} examples have an empty response")
+    kept = [e for e in nonempty if len(e.prompt_ids) + len(e.response_ids) <= data.max_length]
     if not kept:
         raise DataError(f"data: all {len(examples)} examples are longer than data.max_length={data.max_length}")
     return kept, len(examples) - len(kept)
@@ -165,6 +193,32 @@ def method_options(method: str, c: SFTObjectiveConfig, pad_id: int | None) -> di
     return {**opts, "pad_id": pad_id}
 
 
+def sft_step(model, method: str, batch: list[Example], generator: torch.Generator, *, micro_batch: int,
+             options: dict, autocast=contextlib.nullcontext) -> dict:
+    """Forward and backward of one optimizer batch, ``micro_batch`` examples at a time; the summed
+    gradients are left in ``.grad`` for the optimizer step.
+
+    Every micro-batch's loss is divided by the response-token count of the *whole* optimizer batch
+    (objectives/loss.py), so the summed loss and gradients are the same whatever the split into
+    micro-batches, and no division by the number of accumulation steps is needed.  The rows of
+    consecutive micro-batches draw their noise from the one ``generator`` in example order, so
+    the masks do not depend on the split either.
+    """
+    if micro_batch < 1:
+        raise ConfigError(f"loop.micro_batch: must be >= 1, got {micro_batch}")
+    normaliser = count_response_tokens(batch)
+    loss_total, targets = 0.0, 0
+    for start in range(0, len(batch), micro_batch):
+        rows = build_sft_rows(method, model.spec, batch[start : start + micro_batch], generator,
+                              **options).to(model.device)
+        with autocast():
+            loss, stats = sft_loss(model, rows, normaliser)
+        loss.backward()
+        loss_total += float(loss.detach())
+        targets += int(stats["targets"])
+    return {"loss": loss_total, "tokens": normaliser, "targets": targets}
+
+
 def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -175,49 +229,45 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     method = resolve_method(config.objective, model.family)
     examples, dropped = build_examples(model, config.data)
     if config.lora.enabled:
-        lora.apply_lora(model, config.lora)
+        lora.apply_lora(model, config.lora, seed=config.seed)
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
                       save_every=config.save_every, seed=config.seed, optim=config.optim, loop=config.loop,
                       run_config=asdict(config))
-    sampler = EpochSampler(len(examples), config.seed)
-    state = run.resume() if config.resume else run.start_fresh()
-    if state is not None:
-        sampler.load_state_dict(state["sampler"])
-    options = method_options(method, config.objective, model.tokenizer.pad_token_id)
-    per_step = config.loop.micro_batch * config.loop.accumulation
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(config.output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    try:
+        sampler = EpochSampler(len(examples), config.seed, data_fingerprint(examples))
+        if config.resume:
+            run.resume(validate=lambda state: sampler.load_state_dict(state["sampler"]))
+        else:
+            run.start_fresh()
+        options = method_options(method, config.objective, model.tokenizer.pad_token_id)
+        per_step = config.loop.micro_batch * config.loop.accumulation
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
-    last_eval = None
-    with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task("sft", total=config.max_steps, completed=run.step, info="")
-        while run.step < config.max_steps:
-            t0 = time.perf_counter()
-            model.train()
-            batch = [examples[i] for i in sampler.take(per_step)]
-            normaliser = count_response_tokens(batch)
-            generator = step_generator(config.seed, run.step)
-            loss_total, targets = 0.0, 0
-            for start in range(0, len(batch), config.loop.micro_batch):
-                rows = build_sft_rows(method, model.spec, batch[start : start + config.loop.micro_batch],
-                                      generator, **options).to(model.device)
-                with run.autocast():
-                    loss, stats = sft_loss(model, rows, normaliser)
-                loss.backward()
-                loss_total += float(loss.detach())
-                targets += int(stats["targets"])
-            opt = run.optimizer_step(loss_total)
-            row = {"loss": loss_total, **opt, "tokens": normaliser, "targets": targets,
-                   "epoch": sampler.epoch, "tokens_per_s": normaliser / (time.perf_counter() - t0)}
-            if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
-                last_eval = periodic_eval(model, config.eval, config.seed)
-                row.update({f"eval_{k}": v for k, v in last_eval.items()})
-            run.log(row)
-            if run.should_save():
-                run.save({"sampler": sampler.state_dict()})
-            bar.update(task, completed=run.step, info=f"loss {loss_total:.3f}")
-    run.close()
+        last_eval = None
+        with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[info]}"), console=Console(stderr=True),
+                      disable=not progress) as bar:
+            task = bar.add_task("sft", total=config.max_steps, completed=run.step, info="")
+            while run.step < config.max_steps:
+                t0 = time.perf_counter()
+                model.train()
+                batch = [examples[i] for i in sampler.take(per_step)]
+                out = sft_step(model, method, batch, step_generator(config.seed, run.step),
+                               micro_batch=config.loop.micro_batch, options=options, autocast=run.autocast)
+                opt = run.optimizer_step(out["loss"])
+                # tokens_per_s: supervised (response) tokens of the step per second of the step.
+                row = {"loss": out["loss"], **opt, "tokens": out["tokens"], "targets": out["targets"],
+                       "epoch": sampler.epoch, "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
+                if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
+                    last_eval = periodic_eval(model, config.eval, config.seed)
+                    row.update({f"eval_{k}": v for k, v in last_eval.items()})
+                run.log(row)
+                if run.should_save():
+                    run.save({"sampler": sampler.state_dict()})
+                bar.update(task, completed=run.step, info=f"loss {out['loss']:.3f}")
+    finally:
+        run.close()
     summary = {"output_dir": config.output_dir, "steps": run.step, "method": method, "examples": len(examples),
                "dropped_too_long": dropped, "final_checkpoint": str(run.last_checkpoint),
                **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
