@@ -95,6 +95,17 @@ def test_approximate_caches_exact_when_one_step_per_block(mode, full_model):
     assert all(len(g.response_ids) == 24 for g in more)
 
 
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_approximate_caches_shifted_full_attention_short_prompts(mode):
+    # Dream-like: logits shifted, bidirectional attention, every prompt shorter than the block,
+    # so the first block starts at column 0 (which nothing predicts).
+    model = scrambled("tiny-shifted", attention="full", block_size=8)
+    prompts = [[5, 6, 7], [8, 9]]
+    base = dict(max_new_tokens=16, steps=1, stop_token_ids=())
+    ref = generate(model, prompts, SamplingConfig(full_cache="none", **base))
+    assert same(ref, generate(model, prompts, SamplingConfig(full_cache=mode, **base)))
+
+
 def test_shifted_block1_greedy_equals_autoregressive():
     model = scrambled("tiny-shifted")
     tok = model.tokenizer

@@ -78,3 +78,16 @@ def test_rl_cli_bad_key_names_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tracerl.cli", "rl", "policy.epz=0.1"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and "policy.epz" in out.stderr and "eps" in out.stderr
+
+
+@pytest.mark.slow
+def test_bf16_autocast_first_update_is_on_policy_and_value_folders_are_pruned(tmp_path):
+    # Old log-probs are computed under the same autocast as the policy pass: ratio exactly 1.
+    config = load_config(RLConfig, None, TASK + SMALL + [
+        f"output_dir={tmp_path}", "max_steps=3", "save_every=1", "loop.keep_last=1", "loop.micro_batch=16",
+        "loop.mixed_precision=bf16", "value.enabled=true", "policy.filter_equal=false"])
+    run_rl(config, progress=False)
+    first = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert first["ratio_mean"] == 1.0 and first["kl"] == 0.0
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000003", "value-00000003"]

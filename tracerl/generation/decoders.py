@@ -149,11 +149,11 @@ class PrefixCacheDecoder(Decoder):
         return self._predictions(hidden, 0, s, e)
 
     def _keep(self, cache: DynamicCache, s: int) -> DynamicCache:
-        crop_cache(cache, s - self.shift)
+        crop_cache(cache, max(s - self.shift, 0))  # column 0 has no predictor (prompt token)
         return cache
 
     def _query_columns(self, s: int, e: int) -> tuple[int, int]:
-        return s - self.shift, self.canvas.tokens.shape[1]
+        return max(s - self.shift, 0), self.canvas.tokens.shape[1]
 
     def _key_valid(self, q0: int, q1: int) -> torch.Tensor:
         return self.canvas.valid  # prefix [0, q0) cached + query [q0, end)
@@ -192,7 +192,7 @@ class DualCacheDecoder(PrefixCacheDecoder):
         return DynamicCache(layers)
 
     def _query_columns(self, s: int, e: int) -> tuple[int, int]:
-        return s - self.shift, e  # shifted: column s-1 predicts s; the block itself stays fresh
+        return max(s - self.shift, 0), e  # shifted: column s-1 predicts s; the block stays fresh
 
     def _key_valid(self, q0: int, q1: int) -> torch.Tensor:
         valid = self.canvas.valid

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import math
 import time
 import traceback
@@ -210,6 +211,7 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
                     _save_value(value_model, out, run.step)
                 extra = {"value_optimizer": value_opt.state_dict()} if value_opt is not None else {}
                 run.save(extra)
+                _prune_value_folders(out)
             bar.update(task, completed=run.step, info=f"reward {row['reward_mean']:.3f}")
     run.close()
     summary = {"output_dir": config.output_dir, "steps": run.step, "method": config.policy.method,
@@ -265,9 +267,10 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
     micro = config.loop.micro_batch
 
     def per_target(fn):
-        """Evaluate ``fn(sub_rows)`` (no grad) over micro-batches of whole responses, aligned."""
+        """Evaluate ``fn(sub_rows)`` (no grad) over micro-batches of whole responses, aligned.
+        Same precision context as the policy pass, so the first on-policy ratio is exactly 1."""
         out = torch.zeros(rows.num_targets)
-        with torch.no_grad():
+        with torch.no_grad(), run.autocast():
             for start in range(0, len(examples), micro):
                 ids = torch.isin(rows.row_example, torch.arange(start, min(start + micro, len(examples))))
                 global_rows = ids.nonzero().reshape(-1)
@@ -289,7 +292,7 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
         var = float(returns.var()) if returns.numel() > 1 else 0.0
         row["explained_variance"] = 1.0 - float((returns - old_values).var()) / var if var > 0 else 0.0
         if step % config.value.train_every == 0:
-            row["value_loss"] = _update_values(config, value_model, value_opt, rows, index, old_values, returns,
+            row["value_loss"] = _update_values(config, run, value_model, value_opt, rows, index, old_values, returns,
                                                examples, step)
             model.backbone.zero_grad(set_to_none=True)  # shared backbone: value grads must not leak
     else:
@@ -341,7 +344,7 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
     return row
 
 
-def _update_values(config, value_model, value_opt, rows, index, old_values, returns, examples, step) -> float:
+def _update_values(config, run, value_model, value_opt, rows, index, old_values, returns, examples, step) -> float:
     value_model.train()
     micro = config.loop.micro_batch
     normaliser = rl_normaliser("token_mean", examples)
@@ -351,7 +354,8 @@ def _update_values(config, value_model, value_opt, rows, index, old_values, retu
         global_rows = ids.nonzero().reshape(-1)
         sub = rows.select(global_rows)
         pos = index.positions(sub, global_rows.cpu())
-        values = value_model.values(sub)
+        with run.autocast():
+            values = value_model.values(sub)
         dev = values.device
         loss, _ = value_loss(values, old_values[pos].to(dev), returns[pos].to(dev), normaliser=normaliser,
                              eps=config.value.eps)
@@ -360,6 +364,7 @@ def _update_values(config, value_model, value_opt, rows, index, old_values, retu
     if not math.isfinite(total):
         raise ConfigError(f"value loss is not finite at step {step + 1}")
     value_opt.step(step, total)
+    value_model.eval()
     return total
 
 
@@ -371,6 +376,15 @@ def _save_value(value_model, output_dir: Path, step: int) -> None:
     # Written before the policy checkpoint of the same step: the policy folder (renamed into place
     # last) is what marks the step complete, so a value folder without it is ignored on resume.
     value_model.save_pretrained(_value_dir(output_dir, step))
+
+
+def _prune_value_folders(output_dir: Path) -> None:
+    """Drop value-model folders whose policy checkpoint is gone (``loop.keep_last``) or was never
+    completed (a run killed between the two saves)."""
+    kept = {p.name.split("-")[1] for p in ckpt.list_checkpoints(output_dir)}
+    for folder in ckpt.checkpoints_dir(output_dir).glob("value-*"):
+        if folder.name.split("-")[1] not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _load_value(value_model, value_opt, policy_checkpoint: Path, state: dict) -> None:
