@@ -506,7 +506,7 @@ def test_forged_result_channel_cannot_pass():
 def test_expected_values_are_not_reachable_from_the_program(caps):
     token = f"TOKEN-{secrets.token_hex(16)}"
     tests = CodeTests("function", asserts=(f"assert leak() == {token!r}",))
-    program = prog(f"""
+    program = prog("""
         import os, glob
         def scan(data):
             if isinstance(data, bytes):
@@ -540,8 +540,8 @@ def test_expected_values_are_not_reachable_from_the_program(caps):
                 if not pid.isdigit() or int(pid) == os.getpid():
                     continue
                 try:
-                    maps = open(f"/proc/{{pid}}/maps").read().splitlines()
-                    mem = open(f"/proc/{{pid}}/mem", "rb")
+                    maps = open(f"/proc/{pid}/maps").read().splitlines()
+                    mem = open(f"/proc/{pid}/mem", "rb")
                     for line in maps:
                         lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
                         try:

@@ -21,7 +21,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tracerl.errors import CheckpointError
 from tracerl.models.family import DiffusionSpec
-from tracerl.models.layouts import LAYOUTS, Layout, layout_for_model_type
+from tracerl.models.layouts import Layout, layout_for_model_type
 from tracerl.models.model import DiffusionLM
 from tracerl.models.presets import build_preset, is_preset
 from tracerl.models.tokenizer import ADDED_MASK_TOKEN, check_mask_token_id, resolve_mask_token_id

@@ -879,7 +879,6 @@ def _write_file(path, text):
 
 def _sandbox_exec(spec, to_r, fr_w, ns_mode, uid, workdir):
     """S before execve: file system, limits, privileges, fds; then exec a fresh interpreter."""
-    limits = spec["limits"]
     report = {"errors": []}
     os.setsid()
     # Channel fds to 3 (requests in) and 4 (answers out); 0-2 to /dev/null; close the rest.
