@@ -9,27 +9,14 @@ import sys
 import pytest
 import torch
 
+from tiny_models import scrambled
 from tracerl import masks
 from tracerl.errors import ConfigError
 from tracerl.generation import STRATEGIES, SamplingConfig, generate
 from tracerl.generation.sampling import draw, sampling_distribution
 from tracerl.generation.unmasking import select, step_quota
-from tracerl.models import load_model
 
 EXACT_STRATEGIES = [s for s in STRATEGIES if s != "random"]
-
-
-def scrambled(name: str, std: float = 0.2, **overrides):
-    """A preset with large random weights: its greedy outputs are varied (a freshly initialised
-    model repeats one token) and its confidences well separated, so float32 rounding differences
-    between two exact computation orders (~1e-6) cannot flip a choice."""
-    model = load_model(name, **overrides)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.backbone.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model
 
 
 @pytest.fixture(scope="module")

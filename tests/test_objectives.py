@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_models import scrambled
 from tracerl import masks
 from tracerl.errors import ConfigError
 from tracerl.generation import SamplingConfig, generate
@@ -31,35 +32,19 @@ from tracerl.objectives import (
 ATOL = 1e-5
 
 
-def scrambled(name: str, std: float = 0.2, dtype: torch.dtype = torch.float64):
-    """A preset with large random weights, so log-probs differ clearly between states (a freshly
-    initialised model is nearly uniform and would hide a wrong mask or a wrong column).
-
-    float64 by default: the equivalence tests compare computations that differ only in layout
-    (padding, two copies vs separate forwards), and in float32 the summation order alone moves
-    log-probs of these sharp models by ~1e-5.  One float32 run checks the training dtype too."""
-    model = load_model(name, dtype=dtype)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.backbone.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model
-
-
 @pytest.fixture(scope="module")
 def block_model():
-    return scrambled("tiny-block")
+    return scrambled("tiny-block", dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
 def full_model():
-    return scrambled("tiny-full")
+    return scrambled("tiny-full", dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
 def shifted_model():
-    return scrambled("tiny-shifted")
+    return scrambled("tiny-shifted", dtype=torch.float64)
 
 
 # The hand-written trace: prompt 5 tokens, block size 4, response 10 tokens.

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiny_models import scrambled
 from tracerl.errors import CheckpointError, ConfigError
 from tracerl.generation import SamplingConfig, generate
 from tracerl.models import load_model
@@ -22,20 +23,9 @@ from tracerl.objectives.sft import random_masking_rows
 from tracerl.objectives.value import ValueModel, gae_over_steps, gae_targets, value_loss
 
 
-def scrambled(name: str, std: float = 0.2, dtype: torch.dtype = torch.float64):
-    """A preset with large random weights: sharp, clearly state-dependent log-probs."""
-    model = load_model(name, dtype=dtype)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.backbone.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return model
-
-
 @pytest.fixture(scope="module")
 def block_model():
-    return scrambled("tiny-block")
+    return scrambled("tiny-block", dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
