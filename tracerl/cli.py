@@ -206,32 +206,40 @@ def _overrides_and_config(args: argparse.Namespace) -> tuple[str | None, list[st
     return config, overrides
 
 
-def cmd_sft(args: argparse.Namespace) -> int:
+def _run_recipe(args: argparse.Namespace, schema, runner) -> int:
+    """Shared by `sft` and `rl`: YAML + overrides -> typed config -> run -> summary."""
     from tracerl.config import load_config
-    from tracerl.train.sft import SFTConfig, run_sft
 
     path, overrides = _overrides_and_config(args)
-    summary = run_sft(load_config(SFTConfig, path, overrides), progress=not args.no_progress)
+    summary = runner(load_config(schema, path, overrides), progress=not args.no_progress)
     if args.json:
         _emit_json(summary)
     else:
         for k, v in summary.items():
             print(f"{k:22s} {v}")
     return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from tracerl.train.sft import SFTConfig, run_sft
+
+    return _run_recipe(args, SFTConfig, run_sft)
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    from tracerl.config import load_config
     from tracerl.rl import RLConfig, run_rl
 
-    path, overrides = _overrides_and_config(args)
-    summary = run_rl(load_config(RLConfig, path, overrides), progress=not args.no_progress)
-    if args.json:
-        _emit_json(summary)
-    else:
-        for k, v in summary.items():
-            print(f"{k:22s} {v}")
-    return 0
+    return _run_recipe(args, RLConfig, run_rl)
+
+
+def _add_config_command(sub, name: str, help_text: str, example_config: str, example_override: str, func):
+    """A subcommand taking `CONFIG [key=value ...] [--no-progress] [--json]` (eval, sft, rl)."""
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("config", nargs="?", default=None, help=f"YAML config (see {example_config})")
+    p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example_override}")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,26 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("eval", help="generate for a task and report accuracy, pass@k, length, NFE, speed")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/eval-tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sampling.steps=2 n=4")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("sft", help="supervised fine-tuning (block, trace, random-masking, semi-AR, AR)")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/sft-tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=10 optim.lr=1e-4")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_sft)
-
-    p = sub.add_parser("rl", help="reinforcement learning: TraceRL (+ value model), random-masking, coupled")
-    p.add_argument("config", nargs="?", default=None, help="YAML config (see configs/rl-tiny.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. policy.method=coupled")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_rl)
+    _add_config_command(sub, "eval", "generate for a task and report accuracy, pass@k, length, NFE, speed",
+                        "configs/eval-tiny.yaml", "sampling.steps=2 n=4", cmd_eval)
+    _add_config_command(sub, "sft", "supervised fine-tuning (block, trace, random-masking, semi-AR, AR)",
+                        "configs/sft-tiny.yaml", "max_steps=10 optim.lr=1e-4", cmd_sft)
+    _add_config_command(sub, "rl", "reinforcement learning: TraceRL (+ value model), random-masking, coupled",
+                        "configs/rl-tiny.yaml", "policy.method=coupled", cmd_rl)
 
     p = sub.add_parser("info", help="describe a model: family, mask token, block size, size")
     p.add_argument("model")
