@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import math
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -147,6 +146,7 @@ class _TargetIndex:
     """Maps the targets of a row subset back to positions in the full target arrays."""
 
     def __init__(self, rows) -> None:
+        self.rows = rows
         self.stride = int(rows.target_index.max()) + 1 if rows.num_targets else 1
         keys = rows.target_row.cpu() * self.stride + rows.target_index.cpu()
         self.order = torch.argsort(keys)
@@ -155,6 +155,16 @@ class _TargetIndex:
     def positions(self, sub, global_rows: torch.Tensor) -> torch.Tensor:
         keys = global_rows[sub.target_row.cpu()] * self.stride + sub.target_index.cpu()
         return self.order[torch.searchsorted(self.sorted, keys)]
+
+    def micro_batches(self, examples, size: int):
+        """``(rows of these examples, their positions in the full target arrays)`` for each chunk
+        of ``size`` examples: micro-batches of whole responses, as the normaliser requires."""
+        examples = torch.as_tensor(examples).reshape(-1)
+        for start in range(0, examples.numel(), size):
+            chosen = torch.isin(self.rows.row_example, examples[start : start + size])
+            global_rows = chosen.nonzero().reshape(-1)
+            sub = self.rows.select(global_rows)
+            yield sub, self.positions(sub, global_rows.cpu())
 
 
 def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
@@ -271,11 +281,8 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
         Same precision context as the policy pass, so the first on-policy ratio is exactly 1."""
         out = torch.zeros(rows.num_targets)
         with torch.no_grad(), run.autocast():
-            for start in range(0, len(examples), micro):
-                ids = torch.isin(rows.row_example, torch.arange(start, min(start + micro, len(examples))))
-                global_rows = ids.nonzero().reshape(-1)
-                sub = rows.select(global_rows)
-                out[index.positions(sub, global_rows.cpu())] = fn(sub).float().cpu()
+            for sub, pos in index.micro_batches(torch.arange(len(examples)), micro):
+                out[pos] = fn(sub).float().cpu()
         return out
 
     # 3. old log-probs (the rollout policy) and the reference for the KL term
@@ -292,7 +299,7 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
         var = float(returns.var()) if returns.numel() > 1 else 0.0
         row["explained_variance"] = 1.0 - float((returns - old_values).var()) / var if var > 0 else 0.0
         if step % config.value.train_every == 0:
-            row["value_loss"] = _update_values(config, run, value_model, value_opt, rows, index, old_values, returns,
+            row["value_loss"] = _update_values(config, run, value_model, value_opt, index, old_values, returns,
                                                examples, step)
             model.backbone.zero_grad(set_to_none=True)  # shared backbone: value grads must not leak
     else:
@@ -313,13 +320,9 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
             normaliser = rl_normaliser(p.normalisation, [examples[i] for i in batch], num_rows=batch_rows,
                                        response_length=max_len)
             loss_total = 0.0
-            for m in range(0, len(batch), micro):
-                ids = torch.isin(rows.row_example, torch.as_tensor(batch[m : m + micro]))
-                global_rows = ids.nonzero().reshape(-1)
-                sub = rows.select(global_rows)
+            for sub, pos in index.micro_batches(batch, micro):
                 if sub.num_targets == 0:
                     continue
-                pos = index.positions(sub, global_rows.cpu())
                 with run.autocast():
                     logp = target_logprobs(model, sub)
                 dev = logp.device
@@ -344,16 +347,12 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
     return row
 
 
-def _update_values(config, run, value_model, value_opt, rows, index, old_values, returns, examples, step) -> float:
+def _update_values(config, run, value_model, value_opt, index, old_values, returns, examples, step) -> float:
     value_model.train()
     micro = config.loop.micro_batch
     normaliser = rl_normaliser("token_mean", examples)
     total = 0.0
-    for start in range(0, len(examples), micro):
-        ids = torch.isin(rows.row_example, torch.arange(start, min(start + micro, len(examples))))
-        global_rows = ids.nonzero().reshape(-1)
-        sub = rows.select(global_rows)
-        pos = index.positions(sub, global_rows.cpu())
+    for sub, pos in index.micro_batches(torch.arange(len(examples)), micro):
         with run.autocast():
             values = value_model.values(sub)
         dev = values.device
@@ -361,9 +360,7 @@ def _update_values(config, run, value_model, value_opt, rows, index, old_values,
                              eps=config.value.eps)
         loss.backward()
         total += float(loss.detach())
-    if not math.isfinite(total):
-        raise ConfigError(f"value loss is not finite at step {step + 1}")
-    value_opt.step(step, total)
+    value_opt.step(step, total)  # refuses a non-finite loss (TrainingDiverged)
     value_model.eval()
     return total
 
