@@ -467,3 +467,41 @@ def test_value_head_save_load_roundtrip(tiny_block, examples, tmp_path):
     other.save_head(tmp_path / "bad")
     with pytest.raises(CheckpointError, match="value_head.safetensors"):
         ValueModel.from_pretrained(tmp_path / "bad", tiny_block, share_backbone=True)
+
+
+# -- training states are the sampler's states --------------------------------------------------
+
+
+@pytest.mark.parametrize("name,max_new", [("tiny-block", 12), ("tiny-full", 12), ("tiny-shifted", 12)])
+def test_trace_rows_reproduce_the_samplers_logprobs_with_stops_mid_block(name, max_new):
+    """At temperature 1 (no top-k/p) the sampler records log p(token | its state); the TraceRL
+    rows must give exactly those log-probs.  Many stop ids make responses end inside a block, so
+    the tokens the sampler decoded after the stop (and, with full attention, the still-masked
+    later blocks) must be in the rows as context: without the tail the states differ."""
+    model = scrambled(name, dtype=torch.float64)
+    stops = tuple(range(100, 180))  # ~30 % of the vocabulary: most responses stop early
+    config = SamplingConfig(max_new_tokens=max_new, block_size=4, steps=4, strategy="static",
+                            temperature=1.0, seed=5, stop_token_ids=stops, return_logprobs=True,
+                            use_cache=False)
+    prompts = [[65, 66, 67, 68, 69, 70], [71], [80, 81, 82], [90, 91, 92, 93], [33] * 9, [40, 41]]
+    gens = generate(model, prompts, config)
+    mid = [g for g in gens if g.finish_reason == "stop" and g.tail_ids]
+    assert len(mid) >= 2, "the test needs responses that stop inside a block"
+    if model.spec.attention == "full":
+        assert any(0 in g.tail_steps for g in mid)  # never-decoded later blocks are part of the tail
+    for g in gens:
+        end = len(g.prompt_ids) + len(g.response_ids) + len(g.tail_ids)
+        assert g.finish_reason == "length" or end - len(g.prompt_ids) <= max_new
+    rows = build_trace_rows(model.spec, gens, block_size=4)
+    with torch.no_grad():
+        logp = target_logprobs(model, rows, policy=True)
+    want = torch.tensor([gens[e].logprobs[j] for e, j in zip(rows.target_example.tolist(),
+                                                               rows.target_index.tolist())],
+                        dtype=torch.float64)
+    assert rows.num_targets == sum(len(g.response_ids) for g in gens)
+    torch.testing.assert_close(logp, want, atol=1e-5, rtol=0)
+    # Without the tail, the states of the stop blocks differ (this is what the tail fixes).
+    bare = [Example(g.prompt_ids, g.response_ids, g.step_map) for g in gens]
+    with torch.no_grad():
+        bare_logp = target_logprobs(model, build_trace_rows(model.spec, bare, block_size=4), policy=True)
+    assert (bare_logp - want).abs().max() > 1e-3

@@ -270,7 +270,8 @@ def test_metrics_rows_and_tensorboard(resume_setup):
     for r in rows:
         for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens", "seconds"):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), key
-        assert r["tokens_per_s"] > 0 and r["tokens"] == 16 * (RESPONSE + 1)  # 16 examples x (letters + eos)
+        # 16 examples x (letters + eos + EOS filling the last block of 4: prompts have 24 tokens)
+        assert r["tokens_per_s"] > 0 and r["tokens"] == 16 * (RESPONSE + 1 + (-(24 + RESPONSE + 1) % 4))
     assert rows[-1]["loss"] < rows[0]["loss"]
     events = list((out / "tensorboard").glob("events.out.tfevents*")) if (out / "tensorboard").exists() else []
     if importlib.util.find_spec("tensorboard") is not None:
@@ -527,3 +528,27 @@ def test_bench_train_quick():
     assert result["grad_max_abs_diff"] < 1e-4 * result["grad_max_abs"]
     table = format_train_table(result)
     assert "tokens/s" in table and "per-block / two-copy" in table
+
+
+def test_responses_are_filled_with_eos_to_the_end_of_their_block(tmp_path):
+    """pad_to_block: an EOS-terminated response is filled with EOS targets up to its block's
+    end (blocks by absolute position); a response without EOS, and pad_to_block=false, are
+    left alone."""
+    cfg = make(base_config(tmp_path / "pad"))
+    model = load_model("tiny-block")
+    eos = model.tokenizer.eos_token_id
+    plain, _ = build_examples(model, cfg.data)
+    padded, _ = build_examples(model, cfg.data, 4)
+    assert len(plain) == len(padded)
+    lengths = set()
+    for a, b in zip(plain, padded):
+        end = len(b.prompt_ids) + len(b.response_ids)
+        assert end % 4 == 0 and end - len(a.prompt_ids) - len(a.response_ids) < 4
+        assert b.response_ids[: len(a.response_ids)] == a.response_ids
+        assert set(b.response_ids[len(a.response_ids) - 1:]) == {eos}
+        lengths.add(len(b.response_ids) - len(a.response_ids))
+    assert len(lengths) > 1  # prompts of different lengths need different fills
+    cut = make(base_config(tmp_path / "noeos", data={"append_eos": False}))
+    unpadded, _ = build_examples(model, cut.data, 4)
+    assert all(e.response_ids[-1] != eos for e in unpadded)
+    assert [len(e.response_ids) for e in unpadded] == [len(e.response_ids) - 1 for e in plain]

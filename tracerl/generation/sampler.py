@@ -47,6 +47,12 @@ class Generation:
     family: str
     logprobs: list[float] | None = None  # log-prob of each token under the sampling distribution
     confidences: list[float] | None = None
+    # The canvas after the stop token as the sampler saw it while decoding the response: the
+    # tokens it decoded after the stop in the same block (with their steps) and, with full
+    # attention, the never-decoded masked positions up to the canvas end (step 0). Not part of
+    # the response; TraceRL rows keep it as context so training states equal sampling states.
+    tail_ids: list[int] = field(default_factory=list)
+    tail_steps: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,7 +158,7 @@ def generate(
         config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(model),
         dtype=torch.long, device=device,
     )
-    banned = _banned_ids(model, device)
+    banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=device)
     generator = None
     if config.seed is not None or config.temperature > 0 or config.strategy == "random":
         generator = torch.Generator(device=device)
@@ -169,6 +175,7 @@ def generate(
     confidence = torch.zeros(batch, columns, device=device)
     nfe = torch.zeros(batch, dtype=torch.long, device=device)
     finished_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # stop column
+    stop_block_end = torch.full((batch,), -1, dtype=torch.long, device=device)  # end of its block
 
     for s in range(canvas.first_block, columns, b):
         e = s + b
@@ -191,12 +198,13 @@ def generate(
             confidence[:, s:e] = torch.where(chosen, d.confidence, confidence[:, s:e])
             masked &= ~chosen
         canvas.masked[:, s:e] = False
-        _finish_stopped_rows(canvas, s, e, stop_ids, finished_at, pad_id)
+        newly = _finish_stopped_rows(canvas, s, e, stop_ids, finished_at, pad_id)
+        stop_block_end[newly] = e
         if not canvas.masked[:, e:].any():
             break
 
     results = _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b,
-                       config.return_logprobs)
+                       config.return_logprobs, stop_block_end)
     if stats is not None:
         stats.seconds += time.perf_counter() - t_start
         stats.forward_seconds += decoder.timer.seconds
@@ -205,17 +213,11 @@ def generate(
     return results
 
 
-def _banned_ids(model: DiffusionLM, device: torch.device) -> torch.Tensor:
-    """Ids the sampler may never emit: the mask token and padded vocabulary rows."""
-    banned = [model.mask_token_id]
-    banned += list(range(len(model.tokenizer), model.vocab_size))
-    return torch.tensor(sorted(set(banned)), dtype=torch.long, device=device)
-
-
 def _finish_stopped_rows(
     canvas: Canvas, s: int, e: int, stop_ids: torch.Tensor, finished_at: torch.Tensor, pad_id: int
-) -> None:
-    """After a block is final: rows whose generated tokens in it hold a stop token are done."""
+) -> torch.Tensor:
+    """After a block is final: rows whose generated tokens in it hold a stop token are done.
+    Returns the mask of rows that stopped in this block."""
     cols = torch.arange(s, e, device=canvas.tokens.device)
     generated = (cols[None, :] >= canvas.gen_start[:, None]) & (cols[None, :] < canvas.gen_end[:, None])
     is_stop = torch.isin(canvas.tokens[:, s:e], stop_ids) & generated & (finished_at[:, None] < 0)
@@ -224,11 +226,14 @@ def _finish_stopped_rows(
         first = torch.where(is_stop, cols[None, :], torch.full_like(is_stop, e, dtype=torch.long)).min(-1).values
         finished_at[hit] = first[hit]
         rows = hit.nonzero().squeeze(-1)
-        canvas.masked[rows, e:] = False  # nothing more to decode for these rows
+        # Nothing more to decode for these rows; keep the full-attention tail as it was seen.
+        canvas.masked[rows, e:] = False
         canvas.tokens[rows, e:] = pad_id
+    return hit
 
 
-def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b, with_logprobs):
+def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b, with_logprobs,
+             stop_block_end):
     tokens = canvas.tokens.tolist()
     steps = step_map.tolist()
     lps = logprob.tolist() if with_logprobs else None
@@ -239,6 +244,14 @@ def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, pro
         stop = int(finished_at[r])
         end = stop + 1 if stop >= 0 else int(canvas.gen_end[r])
         response = tokens[r][start:end]
+        tail_ids, tail_steps = [], []
+        if stop >= 0:
+            block_end = min(int(stop_block_end[r]), int(canvas.gen_end[r]))
+            tail_ids, tail_steps = tokens[r][end:block_end], steps[r][end:block_end]
+            if model.spec.attention == "full":  # later blocks were visible, all masked
+                never = int(canvas.gen_end[r]) - block_end
+                tail_ids = tail_ids + [model.mask_token_id] * never
+                tail_steps = tail_steps + [0] * never
         out.append(Generation(
             prompt_ids=list(map(int, prompt)),
             response_ids=response,
@@ -250,5 +263,7 @@ def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, pro
             family=model.family,
             logprobs=lps[r][start:end] if lps else None,
             confidences=confs[r][start:end] if confs else None,
+            tail_ids=tail_ids,
+            tail_steps=tail_steps,
         ))
     return out

@@ -70,6 +70,12 @@ class DiffusionLM(nn.Module):
         return self.backbone.get_output_embeddings().weight.shape[0]
 
     @property
+    def unsampleable_ids(self) -> list[int]:
+        """Ids the sampler never emits: the mask token and padded vocabulary rows past the
+        tokenizer.  The RL policy's log-probs renormalise without them (rows.target_logprobs)."""
+        return sorted({self.mask_token_id, *range(len(self.tokenizer), self.vocab_size)})
+
+    @property
     def max_positions(self) -> int:
         return int(self.config.max_position_embeddings)
 

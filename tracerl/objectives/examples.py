@@ -6,6 +6,11 @@ unmasked it, global across blocks; see generation/sampler.py).  Token ids travel
 phases, never text (DESIGN.md principle 2), so a trace can never be misaligned with its tokens
 by a tokenizer round trip (upstream bug, reference notes §8.2): a step map of the wrong length
 is an error here, not something to pad or truncate.
+
+A generated example may also carry a *tail*: the canvas after the stop token as the sampler saw
+it (tokens it decoded after the stop in the same block, with their steps; step 0 = a position
+that stayed masked, e.g. later blocks under full attention).  The tail is never a target; trace
+rows keep it as context so that each training state is exactly the state the sampler was in.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ class Example:
     prompt_ids: list[int]
     response_ids: list[int]
     step_map: list[int] | None = None
+    tail_ids: list[int] | None = None
+    tail_steps: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.prompt_ids = [int(t) for t in self.prompt_ids]
@@ -33,6 +40,12 @@ class Example:
                     f"step_map: {len(self.step_map)} values for {len(self.response_ids)} response "
                     "tokens; a trace must have exactly one step per response token"
                 )
+        self.tail_ids = [int(t) for t in self.tail_ids or []]
+        self.tail_steps = [int(s) for s in self.tail_steps or []]
+        if len(self.tail_ids) != len(self.tail_steps):
+            raise ConfigError(f"tail_steps: {len(self.tail_steps)} values for {len(self.tail_ids)} tail tokens")
+        if self.tail_ids and self.step_map is None:
+            raise ConfigError("tail_ids: a tail needs the response's step_map (it is a decoding trace)")
 
     def steps(self) -> list[int]:
         """The step map, or the left-to-right default ``σ(j) = j + 1`` when there is none."""
@@ -55,7 +68,7 @@ def as_example(item: Any, where: str = "example") -> Example:
     if prompt is None or response is None:
         raise ConfigError(f"{where}: needs 'prompt_ids' and 'response_ids'")
     try:
-        return Example(list(prompt), list(response), get("step_map"))
+        return Example(list(prompt), list(response), get("step_map"), get("tail_ids"), get("tail_steps"))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

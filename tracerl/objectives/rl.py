@@ -5,11 +5,11 @@ No training loop here; the RL loop composes these (reference notes §1.3, §2.6,
     rows = rl_rows(method, model.spec, examples, generator, ...)       # one RL step's rows
     adv, keep = group_advantages(rewards, group_ids, ...)              # per response
     rows = rows.select_examples(keep.nonzero().flatten())              # dropped groups: no rows
-    old = target_logprobs(model, rows) under no_grad                   # before any update
+    old = target_logprobs(model, rows, policy=True) under no_grad   # before any update
     for each optimizer batch (a set of whole responses):
         n = rl_normaliser(normalisation, batch_examples, num_rows=...)
         for each micro-batch mb of its rows:
-            logp = target_logprobs(model, mb)
+            logp = target_logprobs(model, mb, policy=True)
             loss, stats = policy_loss(logp, old[mb], adv[mb.target_example], normaliser=n,
                                       weights=mb.target_weight, ...)
             loss.backward()                                            # sums to the batch loss

@@ -362,10 +362,12 @@ def build_trace_rows(
         p, n = len(ex.prompt_ids), len(ex.response_ids)
         if n == 0:
             continue
-        groups = response_blocks(p, n, b) if two_copy else np.zeros(n, dtype=np.int64)
-        shrunk, rounds = shrink_steps(ex.steps(), groups, shrink)
-        for r in range(1, int(rounds.max()) + 1):
-            masked, target = rounds >= r, rounds == r
+        ex, steps = _with_tail(ex)
+        groups = response_blocks(p, len(steps), b) if two_copy else np.zeros(len(steps), dtype=np.int64)
+        shrunk, rounds = shrink_steps(steps, groups, shrink)
+        is_response = np.arange(len(steps)) < n
+        for r in range(1, int(rounds[:n].max()) + 1):
+            masked, target = rounds >= r, (rounds == r) & is_response
             if two_copy:
                 parts.append(two_copy_row(ex, i, b, spec.mask_token_id, masked, target, shrunk))
             else:
@@ -375,13 +377,29 @@ def build_trace_rows(
     return collate(parts, kind, b, len(exs), default_pad_id(spec, pad_id))
 
 
+def _with_tail(ex: Example) -> tuple[Example, np.ndarray]:
+    """The example with its sampler tail appended as extra (non-target) response positions, and
+    the step of every position; a never-decoded tail position (step 0) gets a step after every
+    other, so it stays masked in every round, as it did in the sampler."""
+    steps = np.asarray(ex.steps(), dtype=np.int64)
+    if not ex.tail_ids:
+        return ex, steps
+    tail = np.asarray(ex.tail_steps, dtype=np.int64)
+    tail = np.where(tail > 0, tail, max(int(steps.max()), int(tail.max())) + 1)
+    extended = Example(ex.prompt_ids, ex.response_ids + ex.tail_ids)
+    return extended, np.r_[steps, tail]
+
+
 # -- the shared forward ---------------------------------------------------------------------------
 
 
-def target_logprobs(model, rows: Rows) -> torch.Tensor:
+def target_logprobs(model, rows: Rows, *, policy: bool = False) -> torch.Tensor:
     """``log p_θ(label | row state)`` for every target, shape ``(T,)`` (float32 or wider).
 
     One forward over the rows; only the hidden states at target columns go through the LM head.
+    ``policy=True`` renormalises over the tokens the sampler can emit (``model.unsampleable_ids``
+    excluded): the RL policy is the sampling distribution, so its ratios and KL use exactly the
+    log-probs the sampler drew with.  SFT keeps the plain softmax (the usual MDM/LM loss).
     """
     if rows.num_targets == 0:
         return torch.zeros(0, device=model.device)
@@ -393,4 +411,7 @@ def target_logprobs(model, rows: Rows) -> torch.Tensor:
     logits = model.lm_logits(selected)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # log-softmax over the vocabulary in at least float32
+    if policy:
+        banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=logits.device)
+        logits = logits.index_fill(-1, banned, float("-inf"))
     return logits.log_softmax(-1).gather(-1, rows.target_label[:, None]).squeeze(-1)

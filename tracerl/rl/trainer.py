@@ -286,8 +286,8 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
         return out
 
     # 3. old log-probs (the rollout policy) and the reference for the KL term
-    old_logp = per_target(lambda sub: target_logprobs(model, sub))
-    ref_logp = per_target(lambda sub: target_logprobs(reference, sub)) if reference is not None else None
+    old_logp = per_target(lambda sub: target_logprobs(model, sub, policy=True))
+    ref_logp = per_target(lambda sub: target_logprobs(reference, sub, policy=True)) if reference is not None else None
 
     # 4. advantages: group z-score per response, or GAE over trace steps with the value model
     t3 = time.perf_counter()
@@ -324,7 +324,7 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
                 if sub.num_targets == 0:
                     continue
                 with run.autocast():
-                    logp = target_logprobs(model, sub)
+                    logp = target_logprobs(model, sub, policy=True)
                 dev = logp.device
                 loss, stats = policy_loss(
                     logp, old_logp[pos].to(dev), target_adv[pos].to(dev), normaliser=normaliser, eps=p.eps,

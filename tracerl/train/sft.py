@@ -36,6 +36,11 @@ class SFTDataConfig:
     file: str | None = None  # JSONL of {prompt, response[, step_map]} or {prompt_ids, response_ids[, step_map]}
     response_format: str = "{answer}"  # the supervised response of a task problem
     append_eos: bool = True
+    # Fill the rest of the last block after the EOS with EOS targets (not for ``ar``). The sampler
+    # denoises whole blocks, so the model must learn what follows the stop token; trained on rows
+    # that end at the EOS it never sees those positions and fills them (and the answer) with
+    # junk. LLaDA's SFT pads with |EOS| targets for the same reason (LLaDA paper, §2.3).
+    pad_to_block: bool = True
     max_length: int = 1024  # prompt + response tokens; longer examples are dropped (and counted)
 
 
@@ -127,8 +132,12 @@ def data_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-def build_examples(model, data: SFTDataConfig) -> tuple[list[Example], int]:
-    """(examples, number dropped: longer than ``max_length`` or with an empty response)."""
+def build_examples(model, data: SFTDataConfig, pad_block: int | None = None) -> tuple[list[Example], int]:
+    """(examples, number dropped: longer than ``max_length`` or with an empty response).
+
+    ``pad_block``: responses that end with the EOS are filled with EOS up to the end of their
+    last block of this size (blocks by absolute position, as in the sampler); traces get
+    one step per pad, after the response's last step."""
     tok = model.tokenizer
     eos = [tok.eos_token_id] if data.append_eos and tok.eos_token_id is not None else []
     examples: list[Example] = []
@@ -167,6 +176,8 @@ def build_examples(model, data: SFTDataConfig) -> tuple[list[Example], int]:
     nonempty = [e for e in examples if e.response_ids]
     if not nonempty:
         raise DataError(f"data: all {len(examples)} examples have an empty response")
+    if pad_block and tok.eos_token_id is not None:
+        nonempty = [_pad_to_block(e, pad_block, int(tok.eos_token_id)) for e in nonempty]
     kept = [e for e in nonempty if len(e.prompt_ids) + len(e.response_ids) <= data.max_length]
     if not kept:
         raise DataError(f"data: all {len(examples)} examples are longer than data.max_length={data.max_length}")
@@ -219,6 +230,20 @@ def sft_step(model, method: str, batch: list[Example], generator: torch.Generato
     return {"loss": loss_total, "tokens": normaliser, "targets": targets}
 
 
+def _pad_to_block(ex: Example, block: int, eos: int) -> Example:
+    if ex.response_ids[-1] != eos:
+        return ex
+    end = len(ex.prompt_ids) + len(ex.response_ids)
+    fill = -end % block
+    if not fill:
+        return ex
+    steps = None
+    if ex.step_map is not None:
+        last = max(ex.step_map)
+        steps = ex.step_map + list(range(last + 1, last + 1 + fill))
+    return Example(ex.prompt_ids, ex.response_ids + [eos] * fill, steps)
+
+
 def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -227,7 +252,8 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
 
     model = load_model(config.model, device=config.device, block_size=config.objective.block_size)
     method = resolve_method(config.objective, model.family)
-    examples, dropped = build_examples(model, config.data)
+    pad_block = None if method == "ar" or not config.data.pad_to_block else model.block_size
+    examples, dropped = build_examples(model, config.data, pad_block)
     if config.lora.enabled:
         lora.apply_lora(model, config.lora, seed=config.seed)
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
