@@ -232,6 +232,24 @@ def cmd_rl(args: argparse.Namespace) -> int:
     return _run_recipe(args, RLConfig, run_rl)
 
 
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from tracerl.quickstart import format_table, load_quickstart_config, run_quickstart
+
+    path, overrides = _overrides_and_config(args)
+    if args.out:
+        overrides.append(f"output_dir={args.out}")
+    config = load_quickstart_config(path, overrides)
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    summary = run_quickstart(config, progress=not args.no_progress, log=log)
+    print(format_table(summary), file=sys.stderr if args.json else sys.stdout, flush=True)
+    if args.json:
+        _emit_json(summary)
+    return 0
+
+
 def _add_config_command(sub, name: str, help_text: str, example_config: str, example_override: str, func):
     """A subcommand taking `CONFIG [key=value ...] [--no-progress] [--json]` (eval, sft, rl)."""
     p = sub.add_parser(name, help=help_text)
@@ -240,6 +258,7 @@ def _add_config_command(sub, name: str, help_text: str, example_config: str, exa
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "configs/sft-tiny.yaml", "max_steps=10 optim.lr=1e-4", cmd_sft)
     _add_config_command(sub, "rl", "reinforcement learning: TraceRL (+ value model), random-masking, coupled",
                         "configs/rl-tiny.yaml", "policy.method=coupled", cmd_rl)
+
+    p = _add_config_command(sub, "quickstart", "the whole pipeline on CPU: SFT -> eval -> TraceRL + value model "
+                            "-> eval, plots, trace page", "tracerl/recipes/quickstart.yaml", "rl.max_steps=50",
+                            cmd_quickstart)
+    p.add_argument("--out", default=None, help="output folder (default: runs/quickstart)")
 
     p = sub.add_parser("info", help="describe a model: family, mask token, block size, size")
     p.add_argument("model")

@@ -310,4 +310,4 @@ def periodic_eval(model, config: PeriodicEvalConfig, seed: int) -> dict:
                              batch_size=config.batch_size, seed=seed)
     summary, _ = evaluate(model, problems, eval_config)
     return {"accuracy": summary["accuracy"], "nfe_per_token": summary["nfe_per_token"],
-            "response_length": summary["mean_response_length"]}
+            "response_length": summary["mean_response_length"], "problems": summary["problems"]}

@@ -1,0 +1,96 @@
+"""TraceRL vs TraceRL + value model vs coupled vs random-masking RL, from one SFT checkpoint.
+
+Same start, same task, same rollout budget (steps x prompts x samples) and optimiser for every
+method; only ``policy.method`` / ``value.enabled`` differ.  Several seeds each.  Writes
+``results.json``, ``accuracy.png`` (held-out accuracy per step, mean and min-max band) and
+``results.md`` (the table for docs/results.md) into --out.
+
+    python benchmarks/compare_methods.py --start runs/quickstart/sft/checkpoints/step-00000250 \
+        --out runs/compare --steps 100 --seeds 0 1 2
+
+Everything not given here comes from the quickstart recipe (tracerl/recipes/quickstart.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tracerl.quickstart import load_quickstart_config
+from tracerl.train.metrics import read_metrics
+from tracerl.train.sft import periodic_eval
+
+METHODS = {
+    "tracerl": ["policy.method=tracerl", "value.enabled=false"],
+    "tracerl + value": ["policy.method=tracerl", "value.enabled=true"],
+    "coupled": ["policy.method=coupled", "value.enabled=false"],
+    "random_masking": ["policy.method=random_masking", "value.enabled=false"],
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tracerl.models import load_model
+    from tracerl.plots import plot_series
+    from tracerl.rl import run_rl
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--start", required=True, help="SFT checkpoint every method starts from")
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_quickstart_config()
+    start_eval = periodic_eval(load_model(args.start), base.heldout, 0)
+    print(f"start: held-out accuracy {start_eval['accuracy']:.3f}", file=sys.stderr)
+
+    results: dict = {"start": args.start, "start_accuracy": start_eval["accuracy"], "steps": args.steps,
+                     "seeds": args.seeds, "command": " ".join(sys.argv), "runs": {}}
+    for name in args.methods:
+        for seed in args.seeds:
+            tag = f"{name.replace(' + ', '_')}-seed{seed}"
+            config = load_quickstart_config(None, [
+                *[f"rl.{o}" for o in METHODS[name]], f"rl.max_steps={args.steps}", f"rl.seed={seed}",
+                f"rl.eval.every={args.eval_every}", "rl.save_every=0"])
+            rl = config.rl
+            rl.model, rl.output_dir = args.start, str(out / tag)
+            rl.eval.task, rl.eval.sampling, rl.eval.batch_size = base.heldout.task, base.heldout.sampling, 128
+            t0 = time.perf_counter()
+            run_rl(rl, progress=False)
+            rows = read_metrics(out / tag / "metrics.jsonl")
+            curve = [(0, start_eval["accuracy"])] + [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+            results["runs"][tag] = {"method": name, "seed": seed, "final_accuracy": curve[-1][1],
+                                    "curve": curve, "minutes": (time.perf_counter() - t0) / 60}
+            print(f"{tag}: final {curve[-1][1]:.3f} in {results['runs'][tag]['minutes']:.1f} min", file=sys.stderr)
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    table = ["| method | final held-out accuracy (mean ± sd) | min-max | seeds | minutes per run |",
+             "|---|---|---|---|---|"]
+    series, bands = {}, {}
+    for name in args.methods:
+        runs = [r for r in results["runs"].values() if r["method"] == name]
+        finals = [r["final_accuracy"] for r in runs]
+        sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        minutes = statistics.mean(r["minutes"] for r in runs)
+        table.append(f"| {name} | {statistics.mean(finals):.3f} ± {sd:.3f} | {min(finals):.3f}-{max(finals):.3f} "
+                     f"| {len(runs)} | {minutes:.1f} |")
+        steps = [s for s, _ in runs[0]["curve"]]
+        per_step = [[dict(r["curve"])[s] for r in runs] for s in steps]
+        series[name] = (steps, [statistics.mean(v) for v in per_step])
+        bands[name] = ([min(v) for v in per_step], [max(v) for v in per_step])
+    plot_series(out / "accuracy.png", series, bands=bands, ylabel="held-out accuracy",
+                title=f"Held-out accuracy per RL step ({len(args.seeds)} seeds, band = min-max)")
+    (out / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

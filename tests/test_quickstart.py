@@ -1,0 +1,67 @@
+"""`tracerl quickstart`: a shortened run of the real command in a subprocess (the README's main
+job), and the recipe's wiring.  The full-length run's accuracy gain is measured by the command
+itself and reported in docs/results.md (it takes minutes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tracerl.errors import ConfigError
+from tracerl.quickstart import _prepare, load_quickstart_config
+from tracerl.train.metrics import read_metrics
+
+
+@pytest.mark.slow
+def test_shortened_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "tracerl.cli", "quickstart", "--out", str(out), "--json", "--no-progress",
+           "sft.max_steps=120", "rl.max_steps=4", "rl.eval.every=2", "rl.save_every=2",
+           "rl.rollout.num_prompts=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("accuracy_sft", "accuracy_rl", "nfe_per_token", "minutes"):
+        assert isinstance(summary[key], float), key
+    assert 0.0 <= summary["accuracy_sft"] <= 1.0 and 0.0 <= summary["accuracy_rl"] <= 1.0
+    assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 4 and summary["sft_steps"] == 120
+    assert 0.25 <= summary["nfe_per_token"] <= 1.5  # static decoding: one token per forward, EOS tail
+    assert json.loads((out / "summary.json").read_text()) == summary
+    # Every phase left its artefacts: checkpoints (value model included), metrics, plots.
+    assert (out / "sft" / "checkpoints" / "step-00000120" / "model.safetensors").is_file()
+    assert (out / "rl" / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
+    assert (out / "rl" / "checkpoints" / "value-00000004").is_dir()
+    rows = read_metrics(out / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all("reward_mean" in r and "policy_loss" in r and "value_loss" in r for r in rows)
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]
+    assert rows[-1]["eval_accuracy"] == pytest.approx(summary["accuracy_rl"])
+    names = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert names == ["heldout_accuracy.png", "nfe_per_token.png", "response_length.png", "reward.png"]
+    for png in (out / "plots").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    if summary["accuracy_rl"] > 0:  # a trace page of solved problems whenever any is solved
+        page = (out / "traces.html").read_text()
+        assert "solved held-out problems" in page and "Calculate" in page
+    assert "accuracy after RL" in proc.stderr  # the final table (stdout carries only the JSON)
+    # A second run into the same folder is refused, not mixed with the first.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_recipe_wires_the_phases_together(tmp_path):
+    config = load_quickstart_config(None, [f"output_dir={tmp_path / 'q'}", "sft.max_steps=7"])
+    sft, rl = _prepare(config)
+    assert rl.model == str(tmp_path / "q" / "sft" / "checkpoints" / "step-00000007")
+    assert rl.eval.task == config.heldout.task and rl.eval.task.split == "eval"
+    assert sft.data.task.split == rl.task.split == "train"
+    assert sft.data.task.params == rl.task.params == config.heldout.task.params  # one task
+    assert rl.value.enabled and rl.policy.method == "tracerl" and sft.model == "tiny-block"
+    bad = load_quickstart_config(None, [f"output_dir={tmp_path / 'b'}", "heldout.task.split=train"])
+    with pytest.raises(ConfigError, match="heldout.task.split"):
+        _prepare(bad)
+    with pytest.raises(ConfigError, match="unknown"):
+        load_quickstart_config(None, ["rl.polcy.method=coupled"])
