@@ -20,7 +20,7 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "tracerl.cli", "quickstart", "--out", str(out), "--json", "--no-progress",
            "sft.max_steps=120", "rl.max_steps=4", "rl.eval.every=2", "rl.save_every=2",
-           "rl.rollout.num_prompts=8"]
+           "rl.rollout.num_prompts=8", "rl.task.size=400"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -150,7 +150,7 @@ def write_solved_traces(path: Path, model, heldout: PeriodicEvalConfig, count: i
 
     if count <= 0:
         return None
-    problems = load_problems(heldout.task)[: 8 * count]
+    problems = load_problems(heldout.task)
     sampling = SamplingConfig(**{**heldout.sampling.to_dict(), "return_logprobs": True})
     gens = generate(model, [prompt_ids(model, p, heldout.task) for p in problems], sampling)
     texts = [model.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -68,12 +68,22 @@ class TaskConfig:
             raise ConfigError(f"task.kind: {self.kind!r}; valid: math, code")
 
 
+_GENERATED: dict[str, list[Problem]] = {}
+
+
 def load_problems(config: TaskConfig) -> list[Problem]:
+    # Generated tasks are pure functions of their config and take seconds to build (a periodic
+    # evaluation would rebuild them every time): keep them per process.  Files are re-read.
+    key = json.dumps(asdict(config), sort_keys=True, default=str) if config.source == "gym" else None
+    if key in _GENERATED:
+        return list(_GENERATED[key])
     loader = {"gym": _gym_problems, "humaneval": _humaneval_problems,
               "jsonl": _jsonl_problems, "datasets": _datasets_problems}[config.source]
     problems = loader(config)
     if not problems:
         raise DataError(f"task {config.source}:{config.name}: no problems")
+    if key is not None:
+        _GENERATED[key] = list(problems)
     return problems
 
 
