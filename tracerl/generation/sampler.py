@@ -175,7 +175,6 @@ def generate(
     confidence = torch.zeros(batch, columns, device=device)
     nfe = torch.zeros(batch, dtype=torch.long, device=device)
     finished_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # stop column
-    stop_block_end = torch.full((batch,), -1, dtype=torch.long, device=device)  # end of its block
 
     for s in range(canvas.first_block, columns, b):
         e = s + b
@@ -198,13 +197,12 @@ def generate(
             confidence[:, s:e] = torch.where(chosen, d.confidence, confidence[:, s:e])
             masked &= ~chosen
         canvas.masked[:, s:e] = False
-        newly = _finish_stopped_rows(canvas, s, e, stop_ids, finished_at, pad_id)
-        stop_block_end[newly] = e
+        _finish_stopped_rows(canvas, s, e, stop_ids, finished_at, pad_id)
         if not canvas.masked[:, e:].any():
             break
 
     results = _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b,
-                       config.return_logprobs, stop_block_end)
+                       config.return_logprobs)
     if stats is not None:
         stats.seconds += time.perf_counter() - t_start
         stats.forward_seconds += decoder.timer.seconds
@@ -215,9 +213,8 @@ def generate(
 
 def _finish_stopped_rows(
     canvas: Canvas, s: int, e: int, stop_ids: torch.Tensor, finished_at: torch.Tensor, pad_id: int
-) -> torch.Tensor:
-    """After a block is final: rows whose generated tokens in it hold a stop token are done.
-    Returns the mask of rows that stopped in this block."""
+) -> None:
+    """After a block is final: rows whose generated tokens in it hold a stop token are done."""
     cols = torch.arange(s, e, device=canvas.tokens.device)
     generated = (cols[None, :] >= canvas.gen_start[:, None]) & (cols[None, :] < canvas.gen_end[:, None])
     is_stop = torch.isin(canvas.tokens[:, s:e], stop_ids) & generated & (finished_at[:, None] < 0)
@@ -226,14 +223,11 @@ def _finish_stopped_rows(
         first = torch.where(is_stop, cols[None, :], torch.full_like(is_stop, e, dtype=torch.long)).min(-1).values
         finished_at[hit] = first[hit]
         rows = hit.nonzero().squeeze(-1)
-        # Nothing more to decode for these rows; keep the full-attention tail as it was seen.
-        canvas.masked[rows, e:] = False
+        canvas.masked[rows, e:] = False  # nothing more to decode for these rows
         canvas.tokens[rows, e:] = pad_id
-    return hit
 
 
-def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b, with_logprobs,
-             stop_block_end):
+def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, prompts, b, with_logprobs):
     tokens = canvas.tokens.tolist()
     steps = step_map.tolist()
     lps = logprob.tolist() if with_logprobs else None
@@ -246,7 +240,8 @@ def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, pro
         response = tokens[r][start:end]
         tail_ids, tail_steps = [], []
         if stop >= 0:
-            block_end = min(int(stop_block_end[r]), int(canvas.gen_end[r]))
+            block_end = min(canvas.first_block + ((stop - canvas.first_block) // b + 1) * b,
+                            int(canvas.gen_end[r]))
             tail_ids, tail_steps = tokens[r][end:block_end], steps[r][end:block_end]
             if model.spec.attention == "full":  # later blocks were visible, all masked
                 never = int(canvas.gen_end[r]) - block_end
