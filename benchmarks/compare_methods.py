@@ -18,6 +18,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tracerl.quickstart import load_quickstart_config
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"rl.eval.every={args.eval_every}", "rl.save_every=0"])
             rl = config.rl
             rl.model, rl.output_dir = args.start, str(out / tag)
-            rl.eval.task, rl.eval.sampling, rl.eval.batch_size = base.heldout.task, base.heldout.sampling, 128
+            rl.eval = replace(base.heldout, every=rl.eval.every)
             t0 = time.perf_counter()
             run_rl(rl, progress=False)
             rows = read_metrics(out / tag / "metrics.jsonl")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tracerl.errors import ConfigError
@@ -56,8 +56,7 @@ def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
     rl = config.rl
     rl.output_dir, rl.seed, rl.resume = str(out / "rl"), config.seed, False
     rl.model = str(out / "sft" / "checkpoints" / f"step-{sft.max_steps:08d}")
-    rl.eval.task, rl.eval.sampling = config.heldout.task, config.heldout.sampling
-    rl.eval.n, rl.eval.batch_size = config.heldout.n, config.heldout.batch_size
+    rl.eval = replace(config.heldout, every=rl.eval.every)  # RL evaluates on the held-out set
     if config.heldout.task.split == rl.task.split or config.heldout.task.split == sft.data.task.split:
         raise ConfigError("heldout.task.split must differ from the training splits (held-out means unseen)")
     return sft, rl
