@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         bands[name] = ([min(v) for v in per_step], [max(v) for v in per_step])
     plot_series(out / "accuracy.png", series, bands=bands, ylabel="held-out accuracy",
                 title=f"Held-out accuracy per RL step ({len(args.seeds)} seeds, band = min-max)")
-    (out / "results.md").write_text("\n".join(table) + "\n")
+    steps = [s for s, _ in next(iter(results["runs"].values()))["curve"]]
+    curves = ["| method | seed | " + " | ".join(f"step {s}" for s in steps) + " |",
+              "|---|---|" + "---|" * len(steps)]
+    for run in results["runs"].values():
+        curves.append(f"| {run['method']} | {run['seed']} | " + " | ".join(f"{a:.3f}" for _, a in run["curve"]) + " |")
+    (out / "results.md").write_text("\n".join(table) + "\n\nHeld-out accuracy per step:\n\n" + "\n".join(curves) + "\n")
     print("\n".join(table))
     return 0
 

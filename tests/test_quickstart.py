@@ -1,6 +1,6 @@
 """`tracerl quickstart`: a shortened run of the real command in a subprocess (the README's main
-job), and the recipe's wiring.  The full-length run's accuracy gain is measured by the command
-itself and reported in docs/results.md (it takes minutes)."""
+job), and the recipe's wiring.  The shortened run is also the test that RL from an SFT'd tiny
+model raises held-out accuracy; the full-length run's figures are in docs/results.md."""
 
 from __future__ import annotations
 
@@ -16,36 +16,38 @@ from tracerl.train.metrics import read_metrics
 
 
 @pytest.mark.slow
-def test_shortened_quickstart_end_to_end(tmp_path):
+def test_shortened_quickstart_rl_raises_heldout_accuracy(tmp_path):
+    """The recipe with half the RL steps (75 of 150, ~4 minutes on 2 cores): TraceRL with the
+    value model lifts held-out accuracy of the SFT checkpoint by at least 5 points (measured on
+    the recipe's seed: 0.231 -> 0.344; the full run reaches 0.462)."""
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "tracerl.cli", "quickstart", "--out", str(out), "--json", "--no-progress",
-           "sft.max_steps=120", "rl.max_steps=4", "rl.eval.every=2", "rl.save_every=2",
-           "rl.rollout.num_prompts=8", "rl.task.size=400"]
+           "rl.max_steps=75", "rl.save_every=25"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("accuracy_sft", "accuracy_rl", "nfe_per_token", "minutes"):
         assert isinstance(summary[key], float), key
     assert 0.0 <= summary["accuracy_sft"] <= 1.0 and 0.0 <= summary["accuracy_rl"] <= 1.0
-    assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 4 and summary["sft_steps"] == 120
+    assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 75 and summary["sft_steps"] == 250
+    assert summary["accuracy_rl"] - summary["accuracy_sft"] >= 0.05, summary
     assert 0.25 <= summary["nfe_per_token"] <= 1.5  # static decoding: one token per forward, EOS tail
     assert json.loads((out / "summary.json").read_text()) == summary
     # Every phase left its artefacts: checkpoints (value model included), metrics, plots.
-    assert (out / "sft" / "checkpoints" / "step-00000120" / "model.safetensors").is_file()
-    assert (out / "rl" / "checkpoints" / "step-00000004" / "model.safetensors").is_file()
-    assert (out / "rl" / "checkpoints" / "value-00000004").is_dir()
+    assert (out / "sft" / "checkpoints" / "step-00000250" / "model.safetensors").is_file()
+    assert (out / "rl" / "checkpoints" / "step-00000075" / "model.safetensors").is_file()
+    assert (out / "rl" / "checkpoints" / "value-00000075").is_dir()
     rows = read_metrics(out / "rl" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == list(range(1, 76))
     assert all("reward_mean" in r and "policy_loss" in r and "value_loss" in r for r in rows)
-    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [25, 50, 75]
     assert rows[-1]["eval_accuracy"] == pytest.approx(summary["accuracy_rl"])
     names = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert names == ["heldout_accuracy.png", "nfe_per_token.png", "response_length.png", "reward.png"]
     for png in (out / "plots").glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    if summary["accuracy_rl"] > 0:  # a trace page of solved problems whenever any is solved
-        page = (out / "traces.html").read_text()
-        assert "solved held-out problems" in page and "Calculate" in page
+    page = (out / "traces.html").read_text()  # a few solved held-out problems
+    assert "solved held-out problems" in page and "Calculate" in page
     assert "accuracy after RL" in proc.stderr  # the final table (stdout carries only the JSON)
     # A second run into the same folder is refused, not mixed with the first.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
+import json
 import subprocess
-import sys
-import time
-import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from crash import kill_after_checkpoint
 from safetensors.torch import load_file
 
 from tracerl.config import load_config
@@ -21,6 +18,7 @@ from tracerl.rl import RLConfig, run_rl
 from tracerl.rl.trainer import check_rl_config
 from tracerl.train import checkpoint as ckpt
 from tracerl.train.metrics import read_metrics
+from tracerl.train.sft import SFTConfig, run_sft
 
 TASK = ["task.source=gym", "task.name=basic_arithmetic", "task.size=64", "task.template=raw", "task.chat=false",
         'task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1, operators: ["+"], '
@@ -65,6 +63,43 @@ def test_short_rl_run_writes_metrics_and_checkpoint(tmp_path, method, value):
         assert (tmp_path / "checkpoints" / "value-00000002" / "value_head.safetensors").is_file()
 
 
+def _picks_seven_or_eight(root):
+    """A tiny-full checkpoint briefly SFT'd to answer "Pick i:" with 7 (even i) or 8 (odd i): it
+    answers right about as often as wrong, so every group has rewards to learn from (a random
+    model scores 0 everywhere, its advantages are all 0 and nothing would train)."""
+    data = root / "pick.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Pick {i}:", "ground_truth_answer": str(7 + i % 2)}) + "\n"
+                            for i in range(8)))
+    task = ["task.source=jsonl", f"task.name={data}", "task.template=raw", "task.chat=false", "task.size=0"]
+    sft = run_sft(load_config(SFTConfig, None, [f"data.{t}" for t in task] + [
+        f"output_dir={root / 'sft'}", "model=tiny-full", "max_steps=15", 'data.response_format=" {answer}"',
+        "loop.micro_batch=8", "optim.lr=3e-3", "optim.warmup_steps=0"]), progress=False)
+    return sft["final_checkpoint"], task
+
+
+def test_rows_per_forward_cap_changes_only_how_rows_are_batched(tmp_path):
+    """A full-attention trace has one training row per decoding step; capping rows per forward
+    (for memory) must leave losses, value model and weights as they are without the cap."""
+    start, task = _picks_seven_or_eight(tmp_path)
+    runs = {}
+    for cap in (0, 3):
+        out = tmp_path / f"cap{cap}"
+        run_rl(load_config(RLConfig, None, task + SMALL + [
+            f"output_dir={out}", f"model={start}", "max_steps=1", "value.enabled=true",
+            "policy.filter_equal=false", f"policy.rows_per_forward={cap}"]), progress=False)
+        runs[cap] = (read_metrics(out / "metrics.jsonl")[0],
+                     load_file(ckpt.checkpoints_dir(out) / "step-00000001" / "model.safetensors"))
+    (row0, w0), (row3, w3) = runs[0], runs[3]
+    assert 0 < row0["accuracy"] < 1 and row3["reward_mean"] == row0["reward_mean"]
+    for key in ("policy_loss", "value_loss", "explained_variance"):
+        assert row3[key] == pytest.approx(row0[key], rel=1e-5, abs=1e-7), key
+    # Adam's first update moves each weight by about +-lr (1e-3) whatever the gradient's size, so
+    # summation-order noise in near-zero gradients shows at ~1e-5; the update itself is ~1e-3.
+    assert all(torch.allclose(w3[k], w0[k], atol=5e-5) for k in w0)
+    initial = load_file(Path(start) / "model.safetensors")
+    assert max(float((w0[k] - initial[k]).abs().max()) for k in w0) > 5e-4  # it trained
+
+
 @pytest.mark.slow
 def test_rl_exact_resume_after_kill_9(tmp_path):
     """A `tracerl rl` process killed with SIGKILL after its step-2 checkpoint (and after logging
@@ -75,29 +110,7 @@ def test_rl_exact_resume_after_kill_9(tmp_path):
                            "rollout.num_prompts=8", "eval.every=0"]
     run_rl(load_config(RLConfig, None, base + [f"output_dir={straight}"]), progress=False)
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as here
-    proc = subprocess.Popen([sys.executable, "-m", "tracerl.cli", "rl", *base, f"output_dir={killed}",
-                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    checkpoint = ckpt.checkpoints_dir(killed) / "step-00000002"
-    deadline, was_killed = time.time() + 240, False
-    while time.time() < deadline and proc.poll() is None:
-        metrics = killed / "metrics.jsonl"
-        if checkpoint.is_dir() and metrics.exists() and '"step": 3,' in metrics.read_text():
-            proc.send_signal(signal.SIGKILL)
-            was_killed = True
-            break
-        time.sleep(0.005)
-    proc.wait(timeout=60)
-    err = proc.stderr.read().decode()
-    proc.stderr.close()
-    if was_killed:
-        assert proc.returncode == -signal.SIGKILL
-    else:  # it finished before the poll saw step 3: make it look like a crash after step 2
-        assert proc.returncode == 0, err[-2000:]
-        warnings.warn("the rl subprocess finished before it could be killed; simulating the crash")
-        for path in ckpt.checkpoints_dir(killed).iterdir():
-            if not path.name.endswith("00000002"):
-                shutil.rmtree(path)
+    kill_after_checkpoint(["rl", *base, f"output_dir={killed}"], killed, step=2)
     assert max(r["step"] for r in read_metrics(killed / "metrics.jsonl")) >= 3  # rows the resume drops
     run_rl(load_config(RLConfig, None, base + [f"output_dir={killed}", "resume=true"]), progress=False)
 
@@ -111,6 +124,13 @@ def test_rl_exact_resume_after_kill_9(tmp_path):
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}/{f.name}"
     with pytest.raises(ConfigError, match="resume=true"):
         run_rl(load_config(RLConfig, None, base + [f"output_dir={killed}"]), progress=False)
+    # Resuming with another objective is refused; running on for longer is not.
+    with pytest.raises(ConfigError, match=r"policy\.eps: 0\.2 -> 0\.3"):
+        run_rl(load_config(RLConfig, None, base + [f"output_dir={killed}", "resume=true", "policy.eps=0.3"]),
+               progress=False)
+    longer = run_rl(load_config(RLConfig, None, base + [f"output_dir={killed}", "resume=true", "max_steps=6"]),
+                    progress=False)
+    assert longer["steps"] == 6 and [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == list(range(1, 7))
 
 
 def test_rl_cli_bad_key_names_it(tmp_path):

@@ -7,20 +7,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import string
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from crash import kill_after_checkpoint
 from safetensors.torch import load_file
 
 from tracerl.config import load_config
@@ -185,31 +183,8 @@ def resume_setup(tmp_path_factory):
     straight = run_sft(make(cfg), progress=False)
 
     killed_cfg = write_config(root / "killed.yaml", {**cfg, "output_dir": str(root / "killed")})
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as here
-    proc = subprocess.Popen([sys.executable, "-m", "tracerl.cli", "sft", str(killed_cfg), "--no-progress"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     killed = root / "killed"
-    checkpoint_n = ckpt.checkpoints_dir(killed) / f"step-{N:08d}"
-    deadline = time.time() + 120
-    was_killed = False
-    while time.time() < deadline and proc.poll() is None:
-        metrics = killed / "metrics.jsonl"
-        # Kill once step N is checkpointed and step N+1 logged (a row the resume must drop).
-        if checkpoint_n.is_dir() and metrics.exists() and f'"step": {N + 1},' in metrics.read_text():
-            proc.send_signal(signal.SIGKILL)
-            was_killed = True
-            break
-        time.sleep(0.005)
-    proc.wait(timeout=60)
-    if was_killed:
-        assert proc.returncode == -signal.SIGKILL
-    else:  # finished before the poll saw step N+1: make it look like a crash after step N
-        assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
-        warnings.warn("the sft subprocess finished before it could be killed; simulating the crash")
-        for path in ckpt.list_checkpoints(killed):
-            if path.name != checkpoint_n.name:
-                shutil.rmtree(path)
-    proc.stderr.close()
+    kill_after_checkpoint(["sft", str(killed_cfg)], killed, step=N, timeout=120)
     return {"root": root, "cfg": cfg, "straight": straight, "killed": killed, "data": data}
 
 
@@ -260,6 +235,22 @@ def test_resume_with_other_data_is_an_error(resume_setup, tmp_path):
         run_sft(make(cfg, "resume=true"), progress=False)
     # Refused before anything was restored or rewritten.
     assert (out / "metrics.jsonl").read_text() == (s["root"] / "straight" / "metrics.jsonl").read_text()
+
+
+def test_resume_with_another_training_config_is_an_error(resume_setup, tmp_path):
+    """Only where/how long/what is logged may change on resume; another learning rate would
+    silently turn the resumed run into a different experiment."""
+    s = resume_setup
+    out = tmp_path / "copy"
+    shutil.copytree(s["root"] / "straight", out)
+    cfg = {**s["cfg"], "output_dir": str(out), "optim": {**s["cfg"]["optim"], "lr": 0.001}}
+    with pytest.raises(ConfigError, match=r"differs from checkpoint step-00000008's in optim\.lr: 0\.003 -> 0\.001"):
+        run_sft(make(cfg, "resume=true"), progress=False)
+    assert (out / "metrics.jsonl").read_text() == (s["root"] / "straight" / "metrics.jsonl").read_text()
+    # A longer run and other logging are fine: it trains on from step 8.
+    longer = {**s["cfg"], "output_dir": str(out), "max_steps": 2 * N + 1, "save_every": 0,
+              "loop": {**s["cfg"]["loop"], "tensorboard": False}}
+    assert run_sft(make(longer, "resume=true"), progress=False)["steps"] == 2 * N + 1
 
 
 def test_metrics_rows_and_tensorboard(resume_setup):

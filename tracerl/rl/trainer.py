@@ -67,6 +67,7 @@ class PolicyConfig:
     normalisation: str = "token_mean"  # token_mean | upstream (1/L1 per row)
     filter_equal: bool = True  # drop groups whose rewards are all equal (they carry no signal)
     accuracy_band: list[float] | None = None  # e.g. [0.2, 0.8]: keep groups with accuracy inside
+    rows_per_forward: int = 0  # cap on training rows per forward, for memory (0 = a micro-batch's rows)
 
 
 @dataclass
@@ -118,6 +119,8 @@ def check_rl_config(config: RLConfig, model) -> None:
         raise ConfigError("rollout.group_size: group advantages need at least 2 responses per prompt")
     if p.accuracy_band is not None and (len(p.accuracy_band) != 2 or not 0 <= p.accuracy_band[0] <= p.accuracy_band[1] <= 1):
         raise ConfigError(f"policy.accuracy_band: [low, high] within [0, 1], got {p.accuracy_band}")
+    if p.rows_per_forward < 0:
+        raise ConfigError(f"policy.rows_per_forward: must be >= 0 (0 = no cap), got {p.rows_per_forward}")
     if p.ppo_epochs < 1 or p.shrink < 1 or p.mask_samples < 1:
         raise ConfigError("policy.ppo_epochs, policy.shrink and policy.mask_samples must be >= 1")
     if config.task.split != "train" and config.task.source == "gym":
@@ -156,15 +159,19 @@ class _TargetIndex:
         keys = global_rows[sub.target_row.cpu()] * self.stride + sub.target_index.cpu()
         return self.order[torch.searchsorted(self.sorted, keys)]
 
-    def micro_batches(self, examples, size: int):
-        """``(rows of these examples, their positions in the full target arrays)`` for each chunk
-        of ``size`` examples: micro-batches of whole responses, as the normaliser requires."""
+    def micro_batches(self, examples, size: int, max_rows: int = 0):
+        """``(rows, their positions in the full target arrays)`` for each chunk of ``size``
+        examples, split further into forwards of at most ``max_rows`` rows (0: no cap).  Losses
+        are sums over targets divided by a per-optimizer-batch constant, so splitting one
+        response's rows over forwards changes nothing but peak memory (a full-attention trace
+        has one row per decoding step)."""
         examples = torch.as_tensor(examples).reshape(-1)
         for start in range(0, examples.numel(), size):
             chosen = torch.isin(self.rows.row_example, examples[start : start + size])
             global_rows = chosen.nonzero().reshape(-1)
-            sub = self.rows.select(global_rows)
-            yield sub, self.positions(sub, global_rows.cpu())
+            for piece in global_rows.split(max_rows) if max_rows > 0 else (global_rows,):
+                sub = self.rows.select(piece)
+                yield sub, self.positions(sub, piece.cpu())
 
 
 def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
@@ -277,11 +284,11 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
     micro = config.loop.micro_batch
 
     def per_target(fn):
-        """Evaluate ``fn(sub_rows)`` (no grad) over micro-batches of whole responses, aligned.
+        """Evaluate ``fn(sub_rows)`` (no grad) over the micro-batches the policy pass uses, aligned.
         Same precision context as the policy pass, so the first on-policy ratio is exactly 1."""
         out = torch.zeros(rows.num_targets)
         with torch.no_grad(), run.autocast():
-            for sub, pos in index.micro_batches(torch.arange(len(examples)), micro):
+            for sub, pos in index.micro_batches(torch.arange(len(examples)), micro, p.rows_per_forward):
                 out[pos] = fn(sub).float().cpu()
         return out
 
@@ -320,7 +327,7 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
             normaliser = rl_normaliser(p.normalisation, [examples[i] for i in batch], num_rows=batch_rows,
                                        response_length=max_len)
             loss_total = 0.0
-            for sub, pos in index.micro_batches(batch, micro):
+            for sub, pos in index.micro_batches(batch, micro, p.rows_per_forward):
                 if sub.num_targets == 0:
                     continue
                 with run.autocast():
@@ -350,9 +357,11 @@ def rl_step(config: RLConfig, model, value_model, value_opt, reference, run: Tra
 def _update_values(config, run, value_model, value_opt, index, old_values, returns, examples, step) -> float:
     value_model.train()
     micro = config.loop.micro_batch
-    normaliser = rl_normaliser("token_mean", examples)
+    # The policy's normalisation (upstream's value loss is per row / L1, like its policy loss).
+    normaliser = rl_normaliser(config.policy.normalisation, examples, num_rows=int(index.rows.row_example.numel()),
+                               response_length=max(len(e.response_ids) for e in examples))
     total = 0.0
-    for sub, pos in index.micro_batches(torch.arange(len(examples)), micro):
+    for sub, pos in index.micro_batches(torch.arange(len(examples)), micro, config.policy.rows_per_forward):
         with run.autocast():
             values = value_model.values(sub)
         dev = values.device

@@ -9,8 +9,10 @@ are dropped on resume and written again.  A fresh run seeds the global RNGs from
 (dropout, LoRA dropout), so it is a function of its config too.
 
 Resume refuses, before touching anything, a checkpoint past ``max_steps``, one trained with(out)
-LoRA or with other trainable parameters than this run's, and (through the recipe's ``validate``)
-other data.  A fresh run refuses an ``output_dir`` that already holds checkpoints.
+LoRA or with other trainable parameters than this run's, a config that differs from the one the
+checkpoint was made with in anything that shapes the training trajectory (see
+``RESUME_MAY_CHANGE``), and (through the recipe's ``validate``) other data.  A fresh run refuses
+an ``output_dir`` that already holds checkpoints.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from tracerl.train.optim import OptimConfig, Optimizer, TrainingDiverged
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 
+# Config keys (dotted; a trailing "." covers a whole section) a resume may change: where the run
+# lives and runs, how long it runs (a longer max_steps also stretches the LR schedule: that is the
+# point of extending a run), what it logs and keeps, and evaluation (its sampler has its own
+# generator).  Any other difference would silently make the resumed run a different experiment.
+RESUME_MAY_CHANGE = ("resume", "output_dir", "model", "device", "max_steps", "save_every", "eval.",
+                     "loop.keep_last", "loop.tensorboard", "loop.wandb", "loop.wandb_project",
+                     "loop.gradient_checkpointing")
+
 
 @dataclass
 class LoopConfig:
@@ -52,6 +62,30 @@ class LoopConfig:
             raise ConfigError(f"loop.keep_last: must be >= 0 (0 = keep all), got {self.keep_last}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"loop.mixed_precision: {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict, current: dict, may_change: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
+    """``"key: saved -> current"`` for every difference outside ``may_change``."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if key in may_change or any(p.endswith(".") and key.startswith(p) for p in may_change):
+            continue
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            changes.append(f"{key}: {'(absent)' if a is missing else repr(a)} -> {'(absent)' if b is missing else repr(b)}")
+    return changes
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -80,6 +114,7 @@ class TrainingRun:
             # whose inputs do not require grad, i.e. every LoRA adapter (frozen embeddings).
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
+        self.run_config = run_config
         self.metrics = MetricsLogger(self.output_dir, tensorboard=loop.tensorboard, wandb=loop.wandb,
                                      wandb_project=loop.wandb_project, run_config=run_config)
         self.last_checkpoint: Path | None = None
@@ -108,11 +143,12 @@ class TrainingRun:
     def _trainable(self) -> list[str]:
         return [name for name, p in self.model.backbone.named_parameters() if p.requires_grad]
 
-    def resume(self, validate: Callable[[dict], None] | None = None) -> dict | None:
+    def resume(self, validate: Callable[[dict], None] | None = None, may_change: tuple[str, ...] = ()) -> dict | None:
         """Restore the latest complete checkpoint; returns its trainer state (None: fresh run).
 
         ``validate(state)`` runs before anything is restored or rewritten: the recipe's own
-        checks and restores (e.g. the data sampler, which refuses other data)."""
+        checks and restores (e.g. the data sampler, which refuses other data).  ``may_change``:
+        config keys the recipe checks itself, on top of ``RESUME_MAY_CHANGE``."""
         path = ckpt.latest_checkpoint(self.output_dir)
         if path is None:  # nothing to resume: a fresh run
             self.metrics.truncate_after(0)
@@ -132,6 +168,12 @@ class TrainingRun:
         if "trainable" in state and state["trainable"] != self._trainable():
             raise ConfigError(f"resume: the trainable parameters differ from checkpoint {path.name}'s "
                               "(another model or LoRA configuration?)")
+        if state.get("run_config") is not None and self.run_config is not None:
+            changed = config_changes(state["run_config"], self.run_config, RESUME_MAY_CHANGE + may_change)
+            if changed:
+                raise ConfigError(f"resume: the config differs from checkpoint {path.name}'s in "
+                                  f"{'; '.join(changed)}; resume with the checkpoint's values or start a new "
+                                  f"output_dir (only {', '.join(RESUME_MAY_CHANGE + may_change)} may change)")
         if validate is not None:
             validate(state)
         if lora.is_lora(self.model):
@@ -169,7 +211,7 @@ class TrainingRun:
 
     def save(self, extra_state: dict) -> Path:
         state = {"optimizer": self.optimizer.state_dict(), "lora": lora.is_lora(self.model),
-                 "trainable": self._trainable(), **extra_state}
+                 "trainable": self._trainable(), "run_config": self.run_config, **extra_state}
         try:
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, state,
                                         keep_last=self.loop.keep_last)

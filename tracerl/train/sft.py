@@ -262,7 +262,8 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     try:
         sampler = EpochSampler(len(examples), config.seed, data_fingerprint(examples))
         if config.resume:
-            run.resume(validate=lambda state: sampler.load_state_dict(state["sampler"]))
+            # The data may move: the sampler compares its content with the checkpoint's instead.
+            run.resume(validate=lambda state: sampler.load_state_dict(state["sampler"]), may_change=("data.file",))
         else:
             run.start_fresh()
         options = method_options(method, config.objective, model.tokenizer.pad_token_id)
