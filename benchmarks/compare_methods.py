@@ -5,7 +5,7 @@ method; only ``policy.method`` / ``value.enabled`` differ.  Several seeds each. 
 ``results.json``, ``accuracy.png`` (held-out accuracy per step, mean and min-max band) and
 ``results.md`` (the table for docs/results.md) into --out.
 
-    python benchmarks/compare_methods.py --start runs/quickstart/sft/checkpoints/step-00000250 \
+    python benchmarks/compare_methods.py --start runs/quickstart/sft/checkpoints/step-00000300 \
         --out runs/compare --steps 100 --seeds 0 1 2
 
 Everything not given here comes from the quickstart recipe (tracerl/recipes/quickstart.yaml).
@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,10 +36,35 @@ METHODS = {
 }
 
 
+def _tag(name: str, seed: int) -> str:
+    return f"{name.replace(' + ', '_')}-seed{seed}"
+
+
+def _one_run(name: str, seed: int, start: str, out: str, steps: int, eval_every: int, start_accuracy: float,
+             threads: int) -> tuple[str, dict]:
+    import torch
+
+    from tracerl.rl import run_rl
+
+    torch.set_num_threads(threads)
+    tag = _tag(name, seed)
+    config = load_quickstart_config(None, [
+        *[f"rl.{o}" for o in METHODS[name]], f"rl.max_steps={steps}", f"rl.seed={seed}",
+        f"rl.eval.every={eval_every}", "rl.save_every=0"])
+    rl = config.rl
+    rl.model, rl.output_dir = start, str(Path(out) / tag)
+    rl.eval = replace(config.heldout, every=rl.eval.every)
+    t0 = time.perf_counter()
+    run_rl(rl, progress=False)
+    rows = read_metrics(Path(rl.output_dir) / "metrics.jsonl")
+    curve = [(0, start_accuracy)] + [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    return tag, {"method": name, "seed": seed, "final_accuracy": curve[-1][1], "curve": curve,
+                 "minutes": (time.perf_counter() - t0) / 60, "threads": threads}
+
+
 def main(argv: list[str] | None = None) -> int:
     from tracerl.models import load_model
     from tracerl.plots import plot_series
-    from tracerl.rl import run_rl
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", required=True, help="SFT checkpoint every method starts from")
@@ -44,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -54,23 +83,21 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"start": args.start, "start_accuracy": start_eval["accuracy"], "steps": args.steps,
                      "seeds": args.seeds, "command": " ".join(sys.argv), "runs": {}}
-    for name in args.methods:
-        for seed in args.seeds:
-            tag = f"{name.replace(' + ', '_')}-seed{seed}"
-            config = load_quickstart_config(None, [
-                *[f"rl.{o}" for o in METHODS[name]], f"rl.max_steps={args.steps}", f"rl.seed={seed}",
-                f"rl.eval.every={args.eval_every}", "rl.save_every=0"])
-            rl = config.rl
-            rl.model, rl.output_dir = args.start, str(out / tag)
-            rl.eval = replace(base.heldout, every=rl.eval.every)
-            t0 = time.perf_counter()
-            run_rl(rl, progress=False)
-            rows = read_metrics(out / tag / "metrics.jsonl")
-            curve = [(0, start_eval["accuracy"])] + [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-            results["runs"][tag] = {"method": name, "seed": seed, "final_accuracy": curve[-1][1],
-                                    "curve": curve, "minutes": (time.perf_counter() - t0) / 60}
-            print(f"{tag}: final {curve[-1][1]:.3f} in {results['runs'][tag]['minutes']:.1f} min", file=sys.stderr)
+    jobs = [(name, seed) for name in args.methods for seed in args.seeds]
+    # Runs are independent: with --jobs N they run in N processes with cores/N threads each (on a
+    # small CPU model that is faster than one run after another on all cores).
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_one_run, name, seed, args.start, str(out), args.steps, args.eval_every,
+                               start_eval["accuracy"], threads) for name, seed in jobs]
+        for future in as_completed(futures):
+            tag, run = future.result()
+            results["runs"][tag] = run
+            print(f"{tag}: final {run['final_accuracy']:.3f} in {run['minutes']:.1f} min", file=sys.stderr)
             (out / "results.json").write_text(json.dumps(results, indent=2))
+    # Table order, whatever order the runs finished in.
+    results["runs"] = {_tag(n, s): results["runs"][_tag(n, s)] for n, s in jobs}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
 
     table = ["| method | final held-out accuracy (mean ± sd) | min-max | seeds | minutes per run |",
              "|---|---|---|---|---|"]

@@ -29,12 +29,12 @@ def test_shortened_quickstart_rl_raises_heldout_accuracy(tmp_path):
     for key in ("accuracy_sft", "accuracy_rl", "nfe_per_token", "minutes"):
         assert isinstance(summary[key], float), key
     assert 0.0 <= summary["accuracy_sft"] <= 1.0 and 0.0 <= summary["accuracy_rl"] <= 1.0
-    assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 75 and summary["sft_steps"] == 250
+    assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 75 and summary["sft_steps"] == 300
     assert summary["accuracy_rl"] - summary["accuracy_sft"] >= 0.05, summary
     assert 0.25 <= summary["nfe_per_token"] <= 1.5  # static decoding: one token per forward, EOS tail
     assert json.loads((out / "summary.json").read_text()) == summary
     # Every phase left its artefacts: checkpoints (value model included), metrics, plots.
-    assert (out / "sft" / "checkpoints" / "step-00000250" / "model.safetensors").is_file()
+    assert (out / "sft" / "checkpoints" / "step-00000300" / "model.safetensors").is_file()
     assert (out / "rl" / "checkpoints" / "step-00000075" / "model.safetensors").is_file()
     assert (out / "rl" / "checkpoints" / "value-00000075").is_dir()
     rows = read_metrics(out / "rl" / "metrics.jsonl")
