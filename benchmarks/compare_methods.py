@@ -17,6 +17,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -82,14 +83,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"start: held-out accuracy {start_eval['accuracy']:.3f}", file=sys.stderr)
 
     results: dict = {"start": args.start, "start_accuracy": start_eval["accuracy"], "steps": args.steps,
-                     "seeds": args.seeds, "command": " ".join(sys.argv), "runs": {}}
+                     "eval_every": args.eval_every, "command": " ".join(sys.argv), "runs": {}}
     jobs = [(name, seed) for name in args.methods for seed in args.seeds]
+    # An interrupted comparison picks up where it stopped: finished runs of the same start and
+    # budget are kept, an unfinished run's folder is started again.
+    previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    if all(previous.get(k) == results[k] for k in ("start", "steps", "eval_every")):
+        results["runs"] = {t: r for t, r in previous.get("runs", {}).items() if (r["method"], r["seed"]) in jobs}
+    todo = [(name, seed) for name, seed in jobs if _tag(name, seed) not in results["runs"]]
+    for name, seed in todo:
+        shutil.rmtree(out / _tag(name, seed), ignore_errors=True)
     # Runs are independent: with --jobs N they run in N processes with cores/N threads each (on a
     # small CPU model that is faster than one run after another on all cores).
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_one_run, name, seed, args.start, str(out), args.steps, args.eval_every,
-                               start_eval["accuracy"], threads) for name, seed in jobs]
+                               start_eval["accuracy"], threads) for name, seed in todo]
         for future in as_completed(futures):
             tag, run = future.result()
             results["runs"][tag] = run

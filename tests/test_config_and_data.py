@@ -153,6 +153,25 @@ def test_gym_splits_never_overlap_and_are_reproducible():
     assert not {p.question for p in other_seed} & {p.question for p in held}
 
 
+def test_skip_drops_the_problems_a_smaller_task_holds(tmp_path):
+    """task.skip validates on problems another phase never trained on: the skipped ones are
+    exactly those of the same task with size=skip (gym and files alike)."""
+    params = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2, "operators": ["+"]}
+    seen = load_problems(TaskConfig(name="basic_arithmetic", split="train", size=40, params=params))
+    rest = load_problems(TaskConfig(name="basic_arithmetic", split="train", size=25, skip=40, params=params))
+    both = load_problems(TaskConfig(name="basic_arithmetic", split="train", size=65, params=params))
+    assert len(rest) == 25 and [p.question for p in both] == [p.question for p in seen + rest]
+    assert not {p.question for p in seen} & {p.question for p in rest}
+    rows = tmp_path / "m.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"q{i}", "ground_truth_answer": str(i)}) + "\n" for i in range(5)))
+    tail = load_problems(TaskConfig(source="jsonl", name=str(rows), size=0, skip=3))
+    assert [p.question for p in tail] == ["q3", "q4"]
+    with pytest.raises(DataError, match="task.skip=5 leaves no problems"):
+        load_problems(TaskConfig(source="jsonl", name=str(rows), size=0, skip=5))
+    with pytest.raises(ConfigError, match="task.skip"):
+        TaskConfig(skip=-1)
+
+
 def test_gym_bad_generator_is_a_config_error():
     with pytest.raises(ConfigError, match="no_such_task"):
         load_problems(TaskConfig(name="no_such_task", size=2))

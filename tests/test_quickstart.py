@@ -29,12 +29,17 @@ def test_shortened_quickstart_rl_raises_heldout_accuracy(tmp_path):
     for key in ("accuracy_sft", "accuracy_rl", "nfe_per_token", "minutes"):
         assert isinstance(summary[key], float), key
     assert 0.0 <= summary["accuracy_sft"] <= 1.0 and 0.0 <= summary["accuracy_rl"] <= 1.0
-    assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 75 and summary["sft_steps"] == 300
+    assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 75
+    sft_rows = read_metrics(out / "sft" / "metrics.jsonl")  # SFT stopped at its validation target
+    assert sft_rows[-1]["step"] == summary["sft_steps"] <= 400 and sft_rows[-1]["eval_accuracy"] >= 0.2
+    assert all(r["eval_accuracy"] < 0.2 for r in sft_rows[:-1] if "eval_accuracy" in r)
     assert summary["accuracy_rl"] - summary["accuracy_sft"] >= 0.05, summary
     assert 0.25 <= summary["nfe_per_token"] <= 1.5  # static decoding: one token per forward, EOS tail
     assert json.loads((out / "summary.json").read_text()) == summary
     # Every phase left its artefacts: checkpoints (value model included), metrics, plots.
-    assert (out / "sft" / "checkpoints" / "step-00000300" / "model.safetensors").is_file()
+    sft_checkpoint = out / "sft" / "checkpoints" / f"step-{summary['sft_steps']:08d}"
+    assert (sft_checkpoint / "model.safetensors").is_file()
+    assert json.loads((out / "rl" / "config.json").read_text())["model"] == str(sft_checkpoint)
     assert (out / "rl" / "checkpoints" / "step-00000075" / "model.safetensors").is_file()
     assert (out / "rl" / "checkpoints" / "value-00000075").is_dir()
     rows = read_metrics(out / "rl" / "metrics.jsonl")
@@ -57,13 +62,17 @@ def test_shortened_quickstart_rl_raises_heldout_accuracy(tmp_path):
 def test_recipe_wires_the_phases_together(tmp_path):
     config = load_quickstart_config(None, [f"output_dir={tmp_path / 'q'}", "sft.max_steps=7"])
     sft, rl = _prepare(config)
-    assert rl.model == str(tmp_path / "q" / "sft" / "checkpoints" / "step-00000007")
     assert rl.eval.task == config.heldout.task and rl.eval.task.split == "eval"
     assert sft.data.task.split == rl.task.split == "train"
     assert sft.data.task.params == rl.task.params == config.heldout.task.params  # one task
+    # SFT's stopping criterion reads training-split problems SFT never saw, never the held-out set.
+    assert sft.eval.task.split == "train" and sft.eval.task.skip == sft.data.task.size and sft.eval.stop_at
     assert rl.value.enabled and rl.policy.method == "tracerl" and sft.model == "tiny-block"
     bad = load_quickstart_config(None, [f"output_dir={tmp_path / 'b'}", "heldout.task.split=train"])
     with pytest.raises(ConfigError, match="heldout.task.split"):
         _prepare(bad)
+    peeking = load_quickstart_config(None, [f"output_dir={tmp_path / 'p'}", "sft.eval.task.split=eval"])
+    with pytest.raises(ConfigError, match="never used to pick a checkpoint"):
+        _prepare(peeking)
     with pytest.raises(ConfigError, match="unknown"):
         load_quickstart_config(None, ["rl.polcy.method=coupled"])

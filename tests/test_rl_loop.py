@@ -34,6 +34,7 @@ SMALL = ["rollout.num_prompts=4", "rollout.group_size=4", "rollout.sampling.max_
     (["policy.kl_reference=sft"], ["kl_reference"]),
     (["policy.accuracy_band=[0.9, 0.1]"], ["accuracy_band"]),
     (["rollout.group_size=1"], ["group_size"]),
+    (["eval.stop_at=0.5"], ["eval.stop_at", "SFT"]),
 ])
 def test_incompatible_options_fail_before_any_work(overrides, words):
     config = load_config(RLConfig, None, overrides)

@@ -501,6 +501,24 @@ def test_sft_learns_one_digit_addition_held_out(tmp_path):
     assert after >= 0.15, after
 
 
+def test_sft_stops_once_the_eval_accuracy_reaches_stop_at(tmp_path):
+    """eval.stop_at ends SFT at the first periodic evaluation at or above it, with a checkpoint
+    of that step (the quickstart hands RL a partly trained model this way)."""
+    evals = {"every": 5, "task": gym_task("train", 16), "batch_size": 16,
+             "sampling": {"max_new_tokens": 4, "temperature": 0.0}}
+    summary = run_sft(make(base_config(tmp_path / "low", max_steps=20, save_every=0,
+                                       eval={**evals, "stop_at": 0.0})), progress=False)
+    assert summary["steps"] == 5 and summary["stopped_at_accuracy"] and summary["final_checkpoint"].endswith("step-00000005")
+    assert [r["step"] for r in read_metrics(tmp_path / "low" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    # Out of reach: the run trains for max_steps and evaluates every 5 steps on the way.
+    summary = run_sft(make(base_config(tmp_path / "high", max_steps=10, save_every=0,
+                                       eval={**evals, "stop_at": 1.01})), progress=False)
+    assert summary["steps"] == 10 and not summary["stopped_at_accuracy"]
+    assert [r["step"] for r in read_metrics(tmp_path / "high" / "metrics.jsonl") if "eval_accuracy" in r] == [5, 10]
+    with pytest.raises(ConfigError, match=r"eval\.stop_at=0\.5: needs periodic evaluation"):
+        run_sft(make(base_config(tmp_path / "none", eval={**evals, "every": 0, "stop_at": 0.5})), progress=False)
+
+
 # -- the training benchmark -----------------------------------------------------------------------
 
 

@@ -46,7 +46,8 @@ def load_quickstart_config(path: str | Path | None = None, overrides: list[str] 
 
 
 def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
-    """Wire the phases together: SFT output -> RL model, one seed, one held-out set."""
+    """Wire the phases together: one seed, one held-out set (the RL model is the SFT run's final
+    checkpoint, known once SFT has stopped)."""
     out = Path(config.output_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output_dir {out} is not empty; choose another --out (a quickstart starts fresh)")
@@ -55,10 +56,10 @@ def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
     sft.save_every = 0
     rl = config.rl
     rl.output_dir, rl.seed, rl.resume = str(out / "rl"), config.seed, False
-    rl.model = str(out / "sft" / "checkpoints" / f"step-{sft.max_steps:08d}")
     rl.eval = replace(config.heldout, every=rl.eval.every)  # RL evaluates on the held-out set
-    if config.heldout.task.split == rl.task.split or config.heldout.task.split == sft.data.task.split:
-        raise ConfigError("heldout.task.split must differ from the training splits (held-out means unseen)")
+    if config.heldout.task.split in (rl.task.split, sft.data.task.split, sft.eval.task.split):
+        raise ConfigError("heldout.task.split must differ from the training and SFT validation splits "
+                          "(held-out means unseen, and never used to pick a checkpoint)")
     return sft, rl
 
 
@@ -73,11 +74,13 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
-    log(f"[1/4] SFT: {sft_config.model}, {sft_config.max_steps} steps on "
+    stop = f" or until validation accuracy {sft_config.eval.stop_at}" if sft_config.eval.stop_at is not None else ""
+    log(f"[1/4] SFT: {sft_config.model}, up to {sft_config.max_steps} steps{stop}, on "
         f"{sft_config.data.task.size} demonstrations of {sft_config.data.task.name}")
     sft_summary = run_sft(sft_config, progress=progress)
+    rl_config.model = sft_summary["final_checkpoint"]
 
-    log("[2/4] held-out evaluation of the SFT checkpoint")
+    log(f"[2/4] held-out evaluation of the SFT checkpoint (step {sft_summary['steps']})")
     sft_model = load_model(sft_summary["final_checkpoint"], device=rl_config.device)
     before = periodic_eval(sft_model, config.heldout, config.seed)
     del sft_model

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ class TaskConfig:
     name: str = "chain_sum"  # gym generator name, or the file path for jsonl / datasets
     split: str = "eval"  # gym: "train" or "eval" (disjoint)
     size: int = 64  # gym: number of problems; jsonl/datasets/humaneval: at most this many (0 = all)
+    skip: int = 0  # drop the first N problems (e.g. the ones SFT trained on: validate on unseen ones)
     seed: int = 0
     params: dict = field(default_factory=dict)  # gym generator options, e.g. {max_terms: 2}
     kind: str | None = None  # jsonl/datasets: "math" | "code" (None: from the fields present)
@@ -64,6 +65,8 @@ class TaskConfig:
             raise ConfigError(f"task.split: {self.split!r}; valid: train, eval")
         if self.size < 0:
             raise ConfigError(f"task.size: must be >= 0, got {self.size}")
+        if self.skip < 0:
+            raise ConfigError(f"task.skip: must be >= 0, got {self.skip}")
         if self.kind is not None and self.kind not in ("math", "code"):
             raise ConfigError(f"task.kind: {self.kind!r}; valid: math, code")
 
@@ -72,6 +75,15 @@ _GENERATED: dict[str, list[Problem]] = {}
 
 
 def load_problems(config: TaskConfig) -> list[Problem]:
+    if config.skip:
+        # The first `size + skip` problems minus the first `skip`.  Files keep their order, and a
+        # gym item depends only on its seed and index, so the skipped ones are the problems a
+        # `size: skip` task of the same config holds (tests/test_config_and_data.py checks it).
+        problems = load_problems(replace(config, skip=0, size=config.size + config.skip if config.size else 0))
+        if len(problems) <= config.skip:
+            raise DataError(f"task {config.source}:{config.name}: task.skip={config.skip} leaves no problems "
+                            f"(there are {len(problems)})")
+        return problems[config.skip :]
     # Generated tasks are pure functions of their config and take seconds to build (a periodic
     # evaluation would rebuild them every time): keep them per process.  Files are re-read.
     key = json.dumps(asdict(config), sort_keys=True, default=str) if config.source == "gym" else None

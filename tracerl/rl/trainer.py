@@ -123,6 +123,9 @@ def check_rl_config(config: RLConfig, model) -> None:
         raise ConfigError(f"policy.rows_per_forward: must be >= 0 (0 = no cap), got {p.rows_per_forward}")
     if p.ppo_epochs < 1 or p.shrink < 1 or p.mask_samples < 1:
         raise ConfigError("policy.ppo_epochs, policy.shrink and policy.mask_samples must be >= 1")
+    if config.eval.stop_at is not None:
+        raise ConfigError("eval.stop_at: early stopping at a target accuracy is an SFT option; "
+                          "an RL run trains for max_steps")
     if config.task.split != "train" and config.task.source == "gym":
         raise ConfigError("task.split: RL trains on the train split (held-out problems are for eval)")
 

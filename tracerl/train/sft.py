@@ -61,6 +61,7 @@ class PeriodicEvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     n: int = 1
     batch_size: int = 32
+    stop_at: float | None = None  # SFT: stop once the eval accuracy reaches this (hand RL a partly trained model)
 
 
 @dataclass
@@ -250,6 +251,8 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
 
     from tracerl.models import load_model
 
+    if config.eval.stop_at is not None and not config.eval.every:
+        raise ConfigError(f"eval.stop_at={config.eval.stop_at}: needs periodic evaluation (set eval.every > 0)")
     model = load_model(config.model, device=config.device, block_size=config.objective.block_size)
     method = resolve_method(config.objective, model.family)
     pad_block = None if method == "ar" or not config.data.pad_to_block else model.block_size
@@ -271,7 +274,7 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(config.output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
-        last_eval = None
+        last_eval, stopped = None, False
         with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=Console(stderr=True),
                       disable=not progress) as bar:
@@ -289,13 +292,17 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
                 if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
                     last_eval = periodic_eval(model, config.eval, config.seed)
                     row.update({f"eval_{k}": v for k, v in last_eval.items()})
+                    stopped = config.eval.stop_at is not None and last_eval["accuracy"] >= config.eval.stop_at
                 run.log(row)
-                if run.should_save():
+                if run.should_save() or stopped:
                     run.save({"sampler": sampler.state_dict()})
                 bar.update(task, completed=run.step, info=f"loss {out['loss']:.3f}")
+                if stopped:
+                    break
     finally:
         run.close()
     summary = {"output_dir": config.output_dir, "steps": run.step, "method": method, "examples": len(examples),
+               "stopped_at_accuracy": stopped,
                "dropped_too_long": dropped, "final_checkpoint": str(run.last_checkpoint),
                **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
     (Path(config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
