@@ -5,6 +5,7 @@ model raises held-out accuracy; the full-length run's figures are in docs/result
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,22 +18,25 @@ from tracerl.train.metrics import read_metrics
 
 @pytest.mark.slow
 def test_shortened_quickstart_rl_raises_heldout_accuracy(tmp_path):
-    """The recipe with half the RL steps (75 of 150, ~4 minutes on 2 cores): TraceRL with the
-    value model lifts held-out accuracy of the SFT checkpoint by at least 5 points (measured on
-    the recipe's seed: 0.231 -> 0.344; the full run reaches 0.462)."""
+    """The recipe with half the RL steps (75 of 150, ~5 minutes): TraceRL with the value model
+    lifts held-out accuracy of the SFT checkpoint by at least 5 points.
+
+    One thread, because where the SFT model stands depends on float summation order: this
+    tiny model learns the addition in a sudden jump, and the same seed ends SFT at 0.22 held-out
+    with 1 thread but 0.60 with 2 (docs/results.md).  With 1 thread it measured 0.223 -> 0.372
+    after 75 RL steps (0.437 after 150)."""
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "tracerl.cli", "quickstart", "--out", str(out), "--json", "--no-progress",
            "rl.max_steps=75", "rl.save_every=25"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("accuracy_sft", "accuracy_rl", "nfe_per_token", "minutes"):
         assert isinstance(summary[key], float), key
     assert 0.0 <= summary["accuracy_sft"] <= 1.0 and 0.0 <= summary["accuracy_rl"] <= 1.0
     assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 75
-    sft_rows = read_metrics(out / "sft" / "metrics.jsonl")  # SFT stopped at its validation target
-    assert sft_rows[-1]["step"] == summary["sft_steps"] <= 400 and sft_rows[-1]["eval_accuracy"] >= 0.2
-    assert all(r["eval_accuracy"] < 0.2 for r in sft_rows[:-1] if "eval_accuracy" in r)
+    assert summary["sft_steps"] == 300
     assert summary["accuracy_rl"] - summary["accuracy_sft"] >= 0.05, summary
     assert 0.25 <= summary["nfe_per_token"] <= 1.5  # static decoding: one token per forward, EOS tail
     assert json.loads((out / "summary.json").read_text()) == summary
@@ -55,7 +59,7 @@ def test_shortened_quickstart_rl_raises_heldout_accuracy(tmp_path):
     assert "solved held-out problems" in page and "Calculate" in page
     assert "accuracy after RL" in proc.stderr  # the final table (stdout carries only the JSON)
     # A second run into the same folder is refused, not mixed with the first.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 2 and "not empty" in again.stderr
 
 
@@ -65,13 +69,11 @@ def test_recipe_wires_the_phases_together(tmp_path):
     assert rl.eval.task == config.heldout.task and rl.eval.task.split == "eval"
     assert sft.data.task.split == rl.task.split == "train"
     assert sft.data.task.params == rl.task.params == config.heldout.task.params  # one task
-    # SFT's stopping criterion reads training-split problems SFT never saw, never the held-out set.
-    assert sft.eval.task.split == "train" and sft.eval.task.skip == sft.data.task.size and sft.eval.stop_at
     assert rl.value.enabled and rl.policy.method == "tracerl" and sft.model == "tiny-block"
     bad = load_quickstart_config(None, [f"output_dir={tmp_path / 'b'}", "heldout.task.split=train"])
     with pytest.raises(ConfigError, match="heldout.task.split"):
         _prepare(bad)
-    peeking = load_quickstart_config(None, [f"output_dir={tmp_path / 'p'}", "sft.eval.task.split=eval"])
+    peeking = load_quickstart_config(None, [f"output_dir={tmp_path / 'p'}", "sft.eval.every=10", "sft.eval.stop_at=0.2"])
     with pytest.raises(ConfigError, match="never used to pick a checkpoint"):
         _prepare(peeking)
     with pytest.raises(ConfigError, match="unknown"):

@@ -57,7 +57,8 @@ def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
     rl = config.rl
     rl.output_dir, rl.seed, rl.resume = str(out / "rl"), config.seed, False
     rl.eval = replace(config.heldout, every=rl.eval.every)  # RL evaluates on the held-out set
-    if config.heldout.task.split in (rl.task.split, sft.data.task.split, sft.eval.task.split):
+    validation = (sft.eval.task.split,) if sft.eval.every else ()
+    if config.heldout.task.split in (rl.task.split, sft.data.task.split, *validation):
         raise ConfigError("heldout.task.split must differ from the training and SFT validation splits "
                           "(held-out means unseen, and never used to pick a checkpoint)")
     return sft, rl
