@@ -21,8 +21,15 @@ def kill_after_checkpoint(cli_args: list[str], output_dir: Path, step: int, time
     """Run ``python -m tracerl.cli *cli_args`` and SIGKILL it once checkpoint ``step`` is saved and
     step ``step + 1`` is logged (a metrics row the resume must drop).  If the process finishes
     before the poll sees that, the crash is simulated by deleting every later checkpoint."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same kernels as the caller
-    proc = subprocess.Popen([sys.executable, "-m", "tracerl.cli", *cli_args, "--no-progress"], env=env,
+    # Same kernels as the caller, whose in-process runs are compared with this one bit for bit:
+    # both have called torch.set_num_threads(n) (see the end of this module).  A fresh process
+    # given only OMP_NUM_THREADS=n can still differ: once any test has called set_num_threads,
+    # the caller's BLAS thread setting is no longer the process default (seen on AVX-512 CPUs).
+    n = torch.get_num_threads()
+    run_cli = "import sys, torch; torch.set_num_threads(int(sys.argv[1])); from tracerl.cli import main; " \
+              "sys.exit(main(sys.argv[2:]))"
+    env = {**os.environ, "OMP_NUM_THREADS": str(n)}
+    proc = subprocess.Popen([sys.executable, "-c", run_cli, str(n), *cli_args, "--no-progress"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = ckpt.checkpoints_dir(output_dir) / f"step-{step:08d}"
     metrics, logged = output_dir / "metrics.jsonl", f'"step": {step + 1},'
@@ -44,3 +51,7 @@ def kill_after_checkpoint(cli_args: list[str], output_dir: Path, step: int, time
     for path in ckpt.checkpoints_dir(output_dir).iterdir():  # policy and value checkpoints alike
         if not path.name.endswith(f"{step:08d}"):
             shutil.rmtree(path)
+
+
+# The callers' in-process runs get the explicit setting too, whatever ran before them.
+torch.set_num_threads(torch.get_num_threads())
