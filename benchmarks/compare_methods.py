@@ -5,7 +5,7 @@ method; only ``policy.method`` / ``value.enabled`` differ.  Several seeds each. 
 ``results.json``, ``accuracy.png`` (held-out accuracy per step, mean and min-max band) and
 ``results.md`` (the table for docs/results.md) into --out.
 
-    python benchmarks/compare_methods.py --start runs/quickstart/sft/checkpoints/step-00000300 \
+    python benchmarks/compare_methods.py --start runs/quickstart/sft/checkpoints/step-00000220 \
         --out runs/compare --steps 100 --seeds 0 1 2
 
 Everything not given here comes from the quickstart recipe (tracerl/recipes/quickstart.yaml).
