@@ -8,7 +8,8 @@ method; only ``policy.method`` / ``value.enabled`` differ.  Several seeds each. 
     python benchmarks/compare_methods.py --start runs/quickstart/sft/checkpoints/step-00000220 \
         --out runs/compare --steps 100 --seeds 0 1 2
 
-Everything not given here comes from the quickstart recipe (tracerl/recipes/quickstart.yaml).
+Everything not given here comes from the quickstart recipe (tracerl/recipes/quickstart.yaml);
+``--set KEY=VALUE ...`` overrides it for every run (e.g. to compare under other RL settings).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _tag(name: str, seed: int) -> str:
 
 
 def _one_run(name: str, seed: int, start: str, out: str, steps: int, eval_every: int, start_accuracy: float,
-             threads: int) -> tuple[str, dict]:
+             threads: int, overrides: list[str]) -> tuple[str, dict]:
     import torch
 
     from tracerl.rl import run_rl
@@ -50,7 +51,7 @@ def _one_run(name: str, seed: int, start: str, out: str, steps: int, eval_every:
     torch.set_num_threads(threads)
     tag = _tag(name, seed)
     config = load_quickstart_config(None, [
-        *[f"rl.{o}" for o in METHODS[name]], f"rl.max_steps={steps}", f"rl.seed={seed}",
+        *overrides, *[f"rl.{o}" for o in METHODS[name]], f"rl.max_steps={steps}", f"rl.seed={seed}",
         f"rl.eval.every={eval_every}", "rl.save_every=0"])
     rl = config.rl
     rl.model, rl.output_dir = start, str(Path(out) / tag)
@@ -75,20 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="recipe overrides for every run, e.g. rl.optim.lr=1e-4 (the method and budget keys are "
+                         "set by this script)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = load_quickstart_config()
+    base = load_quickstart_config(None, args.overrides)  # a bad key fails here, before any run
     start_eval = periodic_eval(load_model(args.start), base.heldout, 0)
     print(f"start: held-out accuracy {start_eval['accuracy']:.3f}", file=sys.stderr)
 
     results: dict = {"start": args.start, "start_accuracy": start_eval["accuracy"], "steps": args.steps,
-                     "eval_every": args.eval_every, "command": " ".join(sys.argv), "runs": {}}
+                     "eval_every": args.eval_every, "overrides": args.overrides, "command": " ".join(sys.argv),
+               "runs": {}}
     jobs = [(name, seed) for name in args.methods for seed in args.seeds]
     # An interrupted comparison picks up where it stopped: finished runs of the same start and
     # budget are kept, an unfinished run's folder is started again.
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    if all(previous.get(k) == results[k] for k in ("start", "steps", "eval_every")):
+    if all(previous.get(k, []) == results[k] for k in ("start", "steps", "eval_every", "overrides")):
         results["runs"] = {t: r for t, r in previous.get("runs", {}).items() if (r["method"], r["seed"]) in jobs}
     todo = [(name, seed) for name, seed in jobs if _tag(name, seed) not in results["runs"]]
     for name, seed in todo:
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_one_run, name, seed, args.start, str(out), args.steps, args.eval_every,
-                               start_eval["accuracy"], threads) for name, seed in todo]
+                               start_eval["accuracy"], threads, args.overrides) for name, seed in todo]
         for future in as_completed(futures):
             tag, run = future.result()
             results["runs"][tag] = run
