@@ -88,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"start": args.start, "start_accuracy": start_eval["accuracy"], "steps": args.steps,
                      "eval_every": args.eval_every, "overrides": args.overrides, "command": " ".join(sys.argv),
-               "runs": {}}
+                     "runs": {}}
     jobs = [(name, seed) for name in args.methods for seed in args.seeds]
     # An interrupted comparison picks up where it stopped: finished runs of the same start and
-    # budget are kept, an unfinished run's folder is started again.
+    # budget and overrides are kept (a results.json from before --set had none), an unfinished
+    # run's folder is started again.
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     if all(previous.get(k, []) == results[k] for k in ("start", "steps", "eval_every", "overrides")):
         results["runs"] = {t: r for t, r in previous.get("runs", {}).items() if (r["method"], r["seed"]) in jobs}

@@ -7,7 +7,7 @@
    TraceRL with block 8 / 8 steps from the block-4 RL checkpoint; held-out accuracy and NFE per
    token with block 8 before and after, next to the block-4 figures.
 
-    python benchmarks/decoding_and_blocks.py --model runs/quickstart/rl/checkpoints/step-00000120 \
+    python benchmarks/decoding_and_blocks.py --model runs/quickstart/rl/checkpoints/step-00000130 \
         --out runs/studies --adapt-steps 60
 """
 

@@ -36,7 +36,9 @@ def test_shortened_quickstart_rl_raises_heldout_accuracy(tmp_path):
         assert isinstance(summary[key], float), key
     assert 0.0 <= summary["accuracy_sft"] <= 1.0 and 0.0 <= summary["accuracy_rl"] <= 1.0
     assert summary["heldout_problems"] > 200 and summary["rl_steps"] == 90
-    assert 10 <= summary["sft_steps"] <= 400 and summary["sft_steps"] % 10 == 0  # checked every 10 steps
+    sft_rows = read_metrics(out / "sft" / "metrics.jsonl")  # SFT stopped at its validation target
+    assert sft_rows[-1]["step"] == summary["sft_steps"] <= 400 and sft_rows[-1]["eval_accuracy"] >= 0.2
+    assert all(r["eval_accuracy"] < 0.2 for r in sft_rows[:-1] if "eval_accuracy" in r)
     assert summary["accuracy_rl"] - summary["accuracy_sft"] >= 0.05, summary
     assert 0.25 <= summary["nfe_per_token"] <= 1.5  # static decoding: one token per forward, EOS tail
     assert json.loads((out / "summary.json").read_text()) == summary
