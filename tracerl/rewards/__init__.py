@@ -3,7 +3,7 @@
   math  final answer extracted from the response, checked against the gold answer by
         math-verify under a time limit (rewards/math.py)
   code  program extracted from the response, run against the tests in a sandboxed process;
-        reward = fraction of tests passed (rewards/code.py, rewards/sandbox.py)
+        reward = fraction of tests passed (rewards/code.py, tracerl/sandbox/)
   gym   the reasoning-gym generator's own verifier on the extracted answer
 """
 

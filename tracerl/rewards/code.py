@@ -52,7 +52,7 @@ How programs run
 
 Security model
 --------------
-Verdicts are decided outside the untrusted process; see :mod:`tracerl.rewards.sandbox` for the
+Verdicts are decided outside the untrusted process; see :mod:`tracerl.sandbox` for the
 process layout, what is isolated and the fallbacks.  In short: the program runs in a fresh
 interpreter in its own pid/mount/network namespaces, read-only file system, private ``/tmp``,
 fresh uid and rlimits; it only answers "call f(args)" / "run with this stdin" requests; the
@@ -78,7 +78,7 @@ import math
 import os
 import re
 
-from tracerl.rewards.sandbox import STATUSES, Limits, run_job, sandbox_capabilities
+from tracerl.sandbox import STATUSES, Limits, run_job, sandbox_capabilities
 
 __all__ = [
     "CodeResult",

@@ -1,0 +1,267 @@
+"""What J, C and S say to each other: length-prefixed frames on pipes, and plain values as JSON.
+
+Shipped to S with the harness (see :mod:`.bootstrap`): standard library only, and no imports
+from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import select
+import time
+
+# Exit status R uses to say "MemoryError" (stdio runs); anything non-zero is a failure anyway.
+_MEMORY_EXIT = 86
+
+
+# =============================================================================================
+# Framing: 8-byte big-endian length, then the payload (JSON, or the harness for the bootstrap).
+# =============================================================================================
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Eof(Exception):
+    pass
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _Protocol(Exception):
+    pass
+
+
+def _write_all(fd, data, deadline=None):
+    """Write ``data`` to ``fd``; with a deadline the fd must be non-blocking."""
+    view = memoryview(data)
+    poller = None
+    while view:
+        try:
+            n = os.write(fd, view)
+            view = view[n:]
+            continue
+        except BlockingIOError:
+            pass
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise _Eof(str(exc)) from None
+        if poller is None:
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+        rem = None if deadline is None else deadline - time.monotonic()
+        if rem is not None and rem <= 0:
+            raise _Timeout("write")
+        events = poller.poll(None if rem is None else max(1, int(rem * 1000)))
+        for _, ev in events:
+            if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                raise _Eof("peer closed")
+
+
+def _read_exact(fd, n, deadline=None):
+    buf = bytearray()
+    poller = None
+    while len(buf) < n:
+        if deadline is not None:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            rem = deadline - time.monotonic()
+            if rem <= 0 or not poller.poll(max(1, int(rem * 1000))):
+                raise _Timeout("read")
+        chunk = os.read(fd, min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise _Eof("end of stream")
+        buf += chunk
+    return bytes(buf)
+
+
+def _send(fd, obj, deadline=None):
+    payload = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
+    _write_all(fd, len(payload).to_bytes(8, "big") + payload, deadline)
+
+
+def _recv_raw(fd, deadline=None, cap=None):
+    n = int.from_bytes(_read_exact(fd, 8, deadline), "big")
+    if cap is not None and n > cap:
+        raise _TooBig(n)
+    return _read_exact(fd, n, deadline)
+
+
+def _recv(fd, deadline=None, cap=None):
+    raw = _recv_raw(fd, deadline, cap)
+    try:
+        obj = json.loads(raw)
+    except Exception as exc:  # noqa: BLE001 - anything unparseable is a protocol error
+        raise _Protocol(f"unparseable frame: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise _Protocol("frame is not an object")
+    return obj
+
+
+# =============================================================================================
+# Value codec: plain Python values <-> JSON.  The decoder only ever builds built-in types.
+# =============================================================================================
+
+
+class _Unencodable(Exception):
+    pass
+
+
+class _Remote:
+    """Judge-side proxy for a name defined by the program: calling it runs the call in S."""
+
+    __slots__ = ("_name", "_judge")
+
+    def __init__(self, name, judge):
+        self._name = name
+        self._judge = judge
+
+    def __call__(self, *args, **kwargs):
+        return self._judge.call(self._name, args, kwargs)
+
+    def __repr__(self):
+        return f"<sandboxed {self._name}>"
+
+
+_MAX_DEPTH = 200
+_JSON_INT = 1 << 63
+
+
+def _encode(v, lenient=False, depth=0):
+    """Encode a plain value.  ``lenient`` (the sandbox side) converts subclasses of plain types,
+    iterators and numpy scalars to plain values first; the judge side is strict."""
+    if depth > _MAX_DEPTH:
+        raise _Unencodable("value nested too deeply")
+    t = type(v)
+    if v is None or t is bool or t is str:
+        return v
+    if t is int:
+        return v if -_JSON_INT < v < _JSON_INT else {"$": "int", "v": format(v, "x")}
+    if t is float:
+        return v if math.isfinite(v) else {"$": "float", "v": repr(v)}
+    d = depth + 1
+    if t is list:
+        return [_encode(x, lenient, d) for x in v]
+    if t is tuple:
+        return {"$": "tuple", "v": [_encode(x, lenient, d) for x in v]}
+    if t is dict:
+        return {"$": "dict", "v": [[_encode(k, lenient, d), _encode(x, lenient, d)]
+                                   for k, x in v.items()]}
+    if t is set or t is frozenset:
+        return {"$": t.__name__, "v": [_encode(x, lenient, d) for x in v]}
+    if t is bytes or t is bytearray:
+        return {"$": t.__name__, "v": bytes(v).hex()}
+    if t is complex:
+        return {"$": "complex", "v": [_encode(v.real), _encode(v.imag)]}
+    if t is range:
+        return {"$": "range", "v": [v.start, v.stop, v.step]}
+    mod = getattr(t, "__module__", "")
+    if mod == "fractions" and t.__name__ == "Fraction":
+        return {"$": "fraction", "v": [format(v.numerator, "x"), format(v.denominator, "x")]}
+    if mod == "decimal" and t.__name__ == "Decimal":
+        return {"$": "decimal", "v": str(v)}
+    if t is _Remote:
+        return {"$": "ref", "v": v._name}
+    if lenient:
+        import collections.abc
+
+        if isinstance(v, collections.abc.Iterator):  # generator, map, zip... stays an iterator
+            return {"$": "iter", "v": [_encode(x, True, d) for x in v]}
+        return _encode(_plainify(v), True, d)
+    raise _Unencodable(f"a value of type {t.__name__} cannot be sent to the sandbox")
+
+
+def _plainify(v):
+    """Sandbox side: turn near-plain values into plain ones (or raise _Unencodable)."""
+    if isinstance(v, bool):
+        return bool(v)
+    if isinstance(v, int):
+        return int.__index__(v)
+    if isinstance(v, float):
+        return float.__float__(v)
+    if isinstance(v, str):
+        return str.__str__(v)
+    if isinstance(v, tuple):  # namedtuple == tuple holds in Python
+        return tuple(v)
+    if isinstance(v, list):
+        return list(v)
+    if isinstance(v, dict):  # OrderedDict, defaultdict, Counter compare equal to dicts
+        return dict(v)
+    if isinstance(v, frozenset):
+        return frozenset(v)
+    if isinstance(v, set):
+        return set(v)
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    t = type(v)
+    if getattr(t, "__module__", "") == "numpy" and getattr(v, "ndim", None) == 0:
+        return v.item()
+    raise _Unencodable(f"returned a value of type {t.__name__}, which cannot leave the sandbox")
+
+
+def _encode_result(v):
+    return _encode(v, lenient=True)
+
+
+def _decode(o, refs=None, depth=0):
+    """Decode a value encoded by :func:`_encode`.  Builds only built-in types (and Fraction,
+    Decimal).  ``refs`` resolves ``ref`` tags (sandbox side) to program objects."""
+    if depth > _MAX_DEPTH:
+        raise ValueError("value nested too deeply")
+    t = type(o)
+    if o is None or t is bool or t is str or t is int or t is float:
+        return o
+    d = depth + 1
+    if t is list:
+        return [_decode(x, refs, d) for x in o]
+    if t is not dict:
+        raise ValueError(f"unexpected JSON value {t.__name__}")
+    tag, v = o.get("$"), o.get("v")
+    if tag == "int":
+        return int(v, 16)
+    if tag == "float":
+        if v not in ("nan", "inf", "-inf"):
+            raise ValueError("bad float")
+        return float(v)
+    if tag == "tuple":
+        return tuple(_decode(x, refs, d) for x in v)
+    if tag == "dict":
+        return {_decode(k, refs, d): _decode(x, refs, d) for k, x in v}
+    if tag == "set":
+        return {_decode(x, refs, d) for x in v}
+    if tag == "frozenset":
+        return frozenset(_decode(x, refs, d) for x in v)
+    if tag == "bytes":
+        return bytes.fromhex(v)
+    if tag == "bytearray":
+        return bytearray.fromhex(v)
+    if tag == "complex":
+        re_, im = (_decode(x, refs, d) for x in v)
+        if type(re_) is not float or type(im) is not float:
+            raise ValueError("bad complex")
+        return complex(re_, im)
+    if tag == "range":
+        a, b, c = v
+        if not (type(a) is int and type(b) is int and type(c) is int):
+            raise ValueError("bad range")
+        return range(a, b, c)
+    if tag == "iter":
+        return iter([_decode(x, refs, d) for x in v])
+    if tag == "fraction":
+        import fractions
+
+        return fractions.Fraction(int(v[0], 16), int(v[1], 16))
+    if tag == "decimal":
+        import decimal
+
+        if type(v) is not str or len(v) > 10000:
+            raise ValueError("bad decimal")
+        return decimal.Decimal(v)
+    if tag == "ref" and refs is not None and type(v) is str:
+        return refs(v)
+    raise ValueError(f"unknown tag {tag!r}")
