@@ -26,9 +26,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
-from tracerl.quickstart import load_quickstart_config
+from tracerl.recipes.quickstart import load_quickstart_config
 from tracerl.train.metrics import read_metrics
-from tracerl.train.sft import periodic_eval
+from tracerl.eval import periodic_eval
 
 METHODS = {
     "tracerl": ["policy.method=tracerl", "value.enabled=false"],
@@ -46,7 +46,7 @@ def _one_run(name: str, seed: int, start: str, out: str, steps: int, eval_every:
              threads: int, overrides: list[str]) -> tuple[str, dict]:
     import torch
 
-    from tracerl.rl import run_rl
+    from tracerl.recipes.rl import run_rl
 
     torch.set_num_threads(threads)
     tag = _tag(name, seed)
@@ -66,7 +66,7 @@ def _one_run(name: str, seed: int, start: str, out: str, steps: int, eval_every:
 
 def main(argv: list[str] | None = None) -> int:
     from tracerl.models import load_model
-    from tracerl.plots import plot_series
+    from tracerl.report.plots import plot_series
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--start", required=True, help="SFT checkpoint every method starts from")

@@ -20,8 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tracerl.quickstart import load_quickstart_config
-from tracerl.train.sft import periodic_eval
+from tracerl.recipes.quickstart import load_quickstart_config
+from tracerl.eval import periodic_eval
 
 THRESHOLDS = (0.9, 0.7, 0.5, 0.3)
 
@@ -33,7 +33,7 @@ def held_out(model, heldout, **sampling) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from tracerl.models import load_model
-    from tracerl.rl import run_rl
+    from tracerl.recipes.rl import run_rl
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="block-4 checkpoint (e.g. the quickstart's RL result)")

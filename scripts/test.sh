@@ -13,4 +13,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
         || echo "warning: could not install chromium; the trace page test will be skipped" >&2
 fi
+# The architecture rules (layers, recipes on top, stdlib-only sandbox): pyproject.toml [tool.importlinter].
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

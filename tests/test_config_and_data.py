@@ -12,7 +12,7 @@ from tracerl.data.jsonl import DataError, read_jsonl
 from tracerl.data.tasks import TaskConfig, load_problems, split_of
 from tracerl.data.templates import MATH_COT, instruction, render_prompt
 from tracerl.errors import ConfigError
-from tracerl.evaluation import EvalConfig, pass_at_k
+from tracerl.eval import EvalConfig, pass_at_k
 from tracerl.generation import SamplingConfig
 from tracerl.models.tokenizer import build_tiny_tokenizer
 

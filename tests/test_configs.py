@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from tracerl.config import load_config
-from tracerl.evaluation import EvalConfig
+from tracerl.eval import EvalConfig
 from tracerl.rl import RLConfig
-from tracerl.train.sft import SFTConfig
+from tracerl.recipes.sft import SFTConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 SCHEMAS = {"sft": SFTConfig, "eval": EvalConfig, "rl": RLConfig}

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tracerl.errors import ConfigError
-from tracerl.quickstart import _prepare, load_quickstart_config
+from tracerl.recipes.quickstart import _prepare, load_quickstart_config
 from tracerl.train.metrics import read_metrics
 
 

@@ -14,11 +14,12 @@ from safetensors.torch import load_file
 from tracerl.config import load_config
 from tracerl.errors import ConfigError
 from tracerl.models import load_model
-from tracerl.rl import RLConfig, run_rl
-from tracerl.rl.trainer import check_rl_config
+from tracerl.recipes.rl import run_rl
+from tracerl.rl import RLConfig
+from tracerl.recipes.rl import check_rl_config
 from tracerl.train import checkpoint as ckpt
 from tracerl.train.metrics import read_metrics
-from tracerl.train.sft import SFTConfig, run_sft
+from tracerl.recipes.sft import SFTConfig, run_sft
 
 TASK = ["task.source=gym", "task.name=basic_arithmetic", "task.size=64", "task.template=raw", "task.chat=false",
         'task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1, operators: ["+"], '
@@ -153,20 +154,3 @@ def test_bf16_autocast_first_update_is_on_policy_and_value_folders_are_pruned(tm
     assert first["ratio_mean"] == 1.0 and first["kl"] == 0.0
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-00000003", "value-00000003"]
-
-
-def test_a_reward_that_raises_scores_zero_and_names_the_sample():
-    """One broken problem (its generator no longer exists) costs that sample its reward and is
-    reported with its id and response; the rest are scored; fail_on_reward_error re-raises."""
-    from tracerl.data.tasks import Problem, TaskConfig, load_problems
-    from tracerl.rl.trainer import _safe_scores
-
-    good = load_problems(load_config(RLConfig, None, TASK).task)[:2]
-    broken = Problem(id="gone/0", question="Calculate 1 + 1.", kind="gym", answer="2",
-                     meta={"gym": {"name": "no_such_task", "params": "{}", "seed": 0, "size": 1, "index": 0}})
-    texts = [f" {good[0].answer}", " 2", " wrong"]
-    scores, errors = _safe_scores([good[0], broken, good[1]], texts, workers=1, fail=False)
-    assert [s.correct for s in scores] == [True, False, False] and scores[1].reward == 0.0
-    assert len(errors) == 1 and "gone/0" in errors[0] and "' 2'" in errors[0] and "no_such_task" in errors[0]
-    with pytest.raises(ConfigError, match="no_such_task"):
-        _safe_scores([good[0], broken], texts[:2], workers=1, fail=True)

@@ -14,7 +14,7 @@ import pytest
 
 from tracerl.generation import SamplingConfig, generate
 from tracerl.models import load_model
-from tracerl.trace_view import trace_payload, write_trace_html
+from tracerl.report.trace_page import trace_payload, write_trace_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(

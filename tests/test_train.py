@@ -29,14 +29,8 @@ from tracerl.train.loop import step_generator
 from tracerl.train.metrics import read_metrics
 from tracerl.train.optim import TrainingDiverged
 from tracerl.train.schedule import lr_factor
-from tracerl.train.sft import (
-    EpochSampler,
-    SFTConfig,
-    build_examples,
-    method_options,
-    run_sft,
-    sft_step,
-)
+from tracerl.recipes.sft import SFTConfig, run_sft
+from tracerl.train.sft import EpochSampler, build_examples, method_options, sft_step
 
 REPO = Path(__file__).resolve().parents[1]
 ADD = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
@@ -466,7 +460,7 @@ COPY = {"min_terms": 1, "max_terms": 1, "min_digits": 1, "max_digits": 3, "allow
 def learn(tmp_path, params: dict, train_size: int, eval_size: int, steps: int, **objective) -> tuple[float, float]:
     """Held-out accuracy of tiny-block before and after block SFT (greedy decoding)."""
     from tracerl.data.tasks import load_problems
-    from tracerl.evaluation import EvalConfig, evaluate
+    from tracerl.eval import EvalConfig, evaluate
 
     cfg = base_config(tmp_path / "learn", max_steps=steps, save_every=0,
                       data={"task": gym_task("train", train_size, params), "response_format": " {answer}"},
@@ -523,7 +517,7 @@ def test_sft_stops_once_the_eval_accuracy_reaches_stop_at(tmp_path):
 
 
 def test_bench_train_quick():
-    from tracerl.bench_train import bench_train, format_train_table
+    from tracerl.recipes.bench_train import bench_train, format_train_table
 
     t0 = time.perf_counter()
     result = bench_train(quick=True)

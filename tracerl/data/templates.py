@@ -53,3 +53,14 @@ def render_prompt(tokenizer, user: str, assistant_prefix: str = "", *, chat: boo
     else:
         text = user
     return tokenizer.encode(text + assistant_prefix, add_special_tokens=False)
+
+
+def problem_prompt_ids(tokenizer, problem, task) -> list[int]:
+    """Token ids of a task problem's prompt (``problem``: a ``data.tasks.Problem``, ``task``: its
+    ``TaskConfig``): the template's instruction, in the chat template when ``task.chat``; a code
+    problem's starter code is appended after the assistant header, so the model continues it."""
+    user, assistant_prefix = instruction(task.template, "code" if problem.kind == "code" else "math",
+                                         problem.question, problem.code_style)
+    if problem.kind == "code" and problem.prefix and task.template != "raw":
+        assistant_prefix += problem.prefix
+    return render_prompt(tokenizer, user, assistant_prefix, chat=task.chat)

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from tracerl.devices import check_device
 from tracerl.errors import CheckpointError
 from tracerl.models.family import DiffusionSpec
 from tracerl.models.layouts import Layout, layout_for_model_type
@@ -62,7 +63,7 @@ def load_model(
     ``family`` / ``attention`` / ``block_size`` override what the checkpoint says (e.g. to treat
     a plain causal LM as a block-diffusion model, or to adapt a block-4 model to block 8).
     """
-    device = torch.device(device)
+    device = check_device(device)  # before reading any weights
     dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     if is_preset(name) and not Path(name).exists():

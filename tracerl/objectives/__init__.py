@@ -1,7 +1,7 @@
 """Training objectives shared by every model family: rows (trace rows, two-copy layout), SFT
 row builders, and the shared weighted-NLL loss with its optimizer-batch normalisation."""
 
-from tracerl.objectives.examples import Example, as_example, as_examples, count_response_tokens
+from tracerl.objectives.examples import Example, as_example, as_examples, count_response_tokens, example_from_mapping
 from tracerl.objectives.loss import sft_loss, weighted_nll
 from tracerl.objectives.rows import (
     MASK_KINDS,
@@ -54,6 +54,7 @@ __all__ = [
     "ar_rows",
     "as_example",
     "as_examples",
+    "example_from_mapping",
     "block_sft_rows",
     "build_sft_rows",
     "build_trace_rows",

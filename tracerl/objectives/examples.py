@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tracerl.errors import ConfigError
+from tracerl.generation.sampler import Generation
 
 
 @dataclass
@@ -47,6 +48,16 @@ class Example:
         if self.tail_ids and self.step_map is None:
             raise ConfigError("tail_ids: a tail needs the response's step_map (it is a decoding trace)")
 
+    @classmethod
+    def from_generation(cls, gen: Generation, where: str = "generation") -> Example:
+        """The training example of a sampled response: its ids, step map and post-stop tail."""
+        if not isinstance(gen, Generation):
+            raise TypeError(f"{where}: expected a Generation, got {type(gen).__name__}")
+        try:
+            return cls(gen.prompt_ids, gen.response_ids, gen.step_map, gen.tail_ids, gen.tail_steps)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
     def steps(self) -> list[int]:
         """The step map, or the left-to-right default ``σ(j) = j + 1`` when there is none."""
         if self.step_map is not None:
@@ -54,23 +65,39 @@ class Example:
         return list(range(1, len(self.response_ids) + 1))
 
 
-def as_example(item: Any, where: str = "example") -> Example:
-    """An ``Example`` from an Example, a mapping or any object with the same attributes
-    (e.g. ``tracerl.generation.Generation``)."""
-    if isinstance(item, Example):
-        return item
-    if isinstance(item, Mapping):
-        get = item.get
-    else:
-        def get(name, default=None):
-            return getattr(item, name, default)
-    prompt, response = get("prompt_ids"), get("response_ids")
-    if prompt is None or response is None:
-        raise ConfigError(f"{where}: needs 'prompt_ids' and 'response_ids'")
+_FIELDS = ("prompt_ids", "response_ids", "step_map", "tail_ids", "tail_steps")
+_REQUIRED = ("prompt_ids", "response_ids")
+
+
+def example_from_mapping(row: Mapping, where: str = "example") -> Example:
+    """An ``Example`` from a mapping with exactly the fields of ``Example`` (``prompt_ids`` and
+    ``response_ids`` required; ``step_map``, ``tail_ids``, ``tail_steps`` optional).  Any other
+    key is an error: a misspelt ``step_map`` must not silently train a left-to-right order."""
+    missing = [k for k in _REQUIRED if row.get(k) is None]
+    if missing:
+        raise ConfigError(f"{where}: needs {' and '.join(repr(k) for k in missing)}")
+    unknown = sorted(set(row) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r}; valid: {', '.join(_FIELDS)}")
     try:
-        return Example(list(prompt), list(response), get("step_map"), get("tail_ids"), get("tail_steps"))
+        return Example(list(row["prompt_ids"]), list(row["response_ids"]), row.get("step_map"),
+                       row.get("tail_ids"), row.get("tail_steps"))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def as_example(item: Any, where: str = "example") -> Example:
+    """An ``Example`` from an Example, a ``tracerl.generation.Generation`` (its trace: step map
+    and tail, ``Example.from_generation``) or a mapping (``example_from_mapping``).  Anything else
+    is a TypeError: there is no attribute guessing."""
+    if isinstance(item, Example):
+        return item
+    if isinstance(item, Generation):
+        return Example.from_generation(item, where)
+    if isinstance(item, Mapping):
+        return example_from_mapping(item, where)
+    raise TypeError(f"{where}: cannot train on a {type(item).__name__}; pass an Example, a Generation or a "
+                    f"mapping of {', '.join(_FIELDS)}")
 
 
 def as_examples(items: Iterable[Any]) -> list[Example]:

@@ -22,10 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tracerl.errors import ConfigError
-from tracerl.rl.trainer import RLConfig
-from tracerl.train.sft import PeriodicEvalConfig, SFTConfig
+from tracerl.eval import PeriodicEvalConfig, periodic_eval
+from tracerl.recipes.rl import run_rl
+from tracerl.recipes.sft import SFTConfig, run_sft
+from tracerl.rl.config import RLConfig
 
-RECIPE = Path(__file__).parent / "recipes" / "quickstart.yaml"
+RECIPE = Path(__file__).parent / "quickstart.yaml"
 
 
 @dataclass
@@ -66,8 +68,6 @@ def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
 
 def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print) -> dict:
     from tracerl.models import load_model
-    from tracerl.rl import run_rl
-    from tracerl.train.sft import periodic_eval, run_sft
 
     t0 = time.perf_counter()
     sft_config, rl_config = _prepare(config)
@@ -123,7 +123,7 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
 
 
 def write_plots(folder: Path, metrics_file: Path, before: dict) -> list[Path]:
-    from tracerl.plots import moving_average, plot_series
+    from tracerl.report.plots import moving_average, plot_series
     from tracerl.train.metrics import read_metrics
 
     rows = read_metrics(metrics_file)
@@ -146,23 +146,22 @@ def write_plots(folder: Path, metrics_file: Path, before: dict) -> list[Path]:
 def write_solved_traces(path: Path, model, heldout: PeriodicEvalConfig, count: int) -> Path | None:
     """A trace page of up to ``count`` held-out problems the model solves (greedy)."""
     from tracerl.data.tasks import load_problems
-    from tracerl.evaluation import prompt_ids
-    from tracerl.generation import SamplingConfig, generate
-    from tracerl.rewards import score_batch
-    from tracerl.trace_view import write_trace_html
+    from tracerl.generation import SamplingConfig
+    from tracerl.report.trace_page import write_trace_html
+    from tracerl.rollout import prompts_for, rollout
 
     if count <= 0:
         return None
     problems = load_problems(heldout.task)
     sampling = SamplingConfig(**{**heldout.sampling.to_dict(), "return_logprobs": True})
-    gens = generate(model, [prompt_ids(model, p, heldout.task) for p in problems], sampling)
-    texts = [model.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
-    solved = [(p, g) for p, g, s in zip(problems, gens, score_batch(problems, texts)) if s.correct][:count]
+    result = rollout(model, problems, prompts_for(model.tokenizer, problems, heldout.task), sampling,
+                     seed_key=(0,), batch_size=max(1, len(problems)))
+    solved = [x for x in result.samples if x.score.correct][:count]
     if not solved:
         return None
-    return write_trace_html(path, model.tokenizer, [g for _, g in solved],
+    return write_trace_html(path, model.tokenizer, [x.generation for x in solved],
                             title="tracerl quickstart: solved held-out problems",
-                            labels=[f"{p.question} -> {p.answer}" for p, _ in solved])
+                            labels=[f"{x.problem.question} -> {x.problem.answer}" for x in solved])
 
 
 def format_table(summary: dict) -> str:

@@ -1,5 +1,8 @@
-"""The RL loop (TraceRL, random-masking and coupled RL, optional diffusion value model)."""
+"""RL: the run's config, the algorithm registry (rl/algorithms) and one generic step (rl/loop.py).
+The ``tracerl rl`` command that drives them is tracerl/recipes/rl.py."""
 
-from tracerl.rl.trainer import PolicyConfig, RLConfig, RolloutConfig, ValueConfig, run_rl
+from tracerl.rl.algorithms import Algorithm, algorithm_names, make_algorithm, register_algorithm
+from tracerl.rl.config import PolicyConfig, RLConfig, RolloutConfig, ValueConfig
 
-__all__ = ["PolicyConfig", "RLConfig", "RolloutConfig", "ValueConfig", "run_rl"]
+__all__ = ["Algorithm", "PolicyConfig", "RLConfig", "RolloutConfig", "ValueConfig", "algorithm_names",
+           "make_algorithm", "register_algorithm"]

@@ -18,8 +18,10 @@ an ``output_dir`` that already holds checkpoints.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +97,29 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return g
 
 
+@dataclass
+class _Trained:
+    """A trained model besides the policy: its optimizer and how its weights are saved/loaded."""
+
+    module: torch.nn.Module
+    optimizer: Optimizer
+    save: Callable[[Path], None]  # write the weights into a new folder
+    load: Callable[[Path], None]  # restore them from that folder
+
+
 class TrainingRun:
+    """Owns every model of a training run and everything that makes it resumable.
+
+    The *policy* (a ``DiffusionLM``) is the run's checkpoint: ``checkpoints/step-N`` is its HF
+    folder plus ``trainer_state.pt``.  Further trained models (``add_trained``: RL's value
+    model) have their own optimizer and a folder ``checkpoints/NAME-N`` written *before* the
+    policy folder of the same step, which is renamed into place last and so marks the step
+    complete; folders of steps without a policy checkpoint (pruned by ``loop.keep_last``, or a
+    run killed between the saves) are removed.  Frozen models (``add_frozen_copy``: RL's KL
+    reference) are copies of the policy as it was before resume, never saved: they are rebuilt
+    from the run's starting model.  Optimizer steps (``update``) use the LR of the current step;
+    ``advance`` ends the step."""
+
     def __init__(self, model: DiffusionLM, *, output_dir: str | Path, max_steps: int, save_every: int,
                  seed: int, optim: OptimConfig, loop: LoopConfig, run_config: dict | None = None) -> None:
         if max_steps < 1:
@@ -114,11 +138,39 @@ class TrainingRun:
             # whose inputs do not require grad, i.e. every LoRA adapter (frozen embeddings).
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
+        self.trained: dict[str, _Trained] = {}
+        self.frozen: dict[str, torch.nn.Module] = {}
         self.run_config = run_config
         self.metrics = MetricsLogger(self.output_dir, tensorboard=loop.tensorboard, wandb=loop.wandb,
                                      wandb_project=loop.wandb_project, run_config=run_config)
         self.last_checkpoint: Path | None = None
         self._t_last = time.perf_counter()
+
+    # -- models ---------------------------------------------------------------------------
+    def add_trained(self, name: str, module: torch.nn.Module, params, optim: OptimConfig, *,
+                    save: Callable[[Path], None], load: Callable[[Path], None]) -> torch.nn.Module:
+        """Train ``params`` of ``module`` with their own optimizer (same step count and schedule
+        shape as the policy's), checkpointed in ``checkpoints/NAME-N`` by ``save``/``load``."""
+        if name == "step" or name in self.trained or "-" in name:
+            raise ValueError(f"trained model name {name!r}: taken or invalid")
+        self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load)
+        return module
+
+    def add_frozen_copy(self, name: str) -> DiffusionLM:
+        """A frozen copy of the policy as it is now (call before ``resume``: the starting model)."""
+        if self.step or self.last_checkpoint is not None:
+            raise RuntimeError("add_frozen_copy: the copy must be made before the run resumes")
+        copy = deepcopy(self.model).eval()
+        for param in copy.parameters():
+            param.requires_grad_(False)
+        self.frozen[name] = copy
+        return copy
+
+    def _optimizer(self, name: str) -> Optimizer:
+        return self.optimizer if name == "policy" else self.trained[name].optimizer
+
+    def _folder(self, name: str, step: int) -> Path:
+        return ckpt.checkpoints_dir(self.output_dir) / f"{name}-{step:08d}"
 
     # -- precision ------------------------------------------------------------------------
     def autocast(self):
@@ -130,15 +182,18 @@ class TrainingRun:
         return contextlib.nullcontext()
 
     # -- resume ---------------------------------------------------------------------------
+    def _begin(self) -> None:
+        self.metrics.truncate_after(0)
+        ckpt.seed_everything(self.seed)
+        self._t_last = time.perf_counter()
+
     def start_fresh(self) -> None:
         """A new run: refuse to mix with the checkpoints of an earlier one."""
         existing = ckpt.latest_checkpoint(self.output_dir)
         if existing is not None:
             raise ConfigError(f"output_dir {self.output_dir} already holds checkpoint {existing.name}; "
                               "pass resume=true to continue it, or choose another output_dir")
-        self.metrics.truncate_after(0)
-        ckpt.seed_everything(self.seed)
-        self._t_last = time.perf_counter()
+        self._begin()
 
     def _trainable(self) -> list[str]:
         return [name for name, p in self.model.backbone.named_parameters() if p.requires_grad]
@@ -151,9 +206,7 @@ class TrainingRun:
         config keys the recipe checks itself, on top of ``RESUME_MAY_CHANGE``."""
         path = ckpt.latest_checkpoint(self.output_dir)
         if path is None:  # nothing to resume: a fresh run
-            self.metrics.truncate_after(0)
-            ckpt.seed_everything(self.seed)
-            self._t_last = time.perf_counter()
+            self._begin()
             return None
         state = ckpt.load_trainer_state(path)
         step = int(state["step"])
@@ -174,6 +227,9 @@ class TrainingRun:
                 raise ConfigError(f"resume: the config differs from checkpoint {path.name}'s in "
                                   f"{'; '.join(changed)}; resume with the checkpoint's values or start a new "
                                   f"output_dir (only {', '.join(RESUME_MAY_CHANGE + may_change)} may change)")
+        for name in self.trained:
+            if not self._folder(name, step).is_dir():
+                raise ConfigError(f"resume: {name} model of step {step} missing ({self._folder(name, step)})")
         if validate is not None:
             validate(state)
         if lora.is_lora(self.model):
@@ -189,6 +245,9 @@ class TrainingRun:
                 raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
         self.optimizer.load_state_dict(state["optimizer"])
+        for name, trained in self.trained.items():
+            trained.load(self._folder(name, step))
+            trained.optimizer.load_state_dict(state["optimizers"][name])
         ckpt.set_rng_state(state["rng"])
         self.step = step
         self.metrics.truncate_after(self.step)
@@ -197,21 +256,29 @@ class TrainingRun:
         return state
 
     # -- stepping -------------------------------------------------------------------------
-    def optimizer_step(self, loss_value: float) -> dict:
+    def update(self, loss_value: float, model: str = "policy") -> dict:
+        """One optimizer step of ``model`` (its gradients are in ``.grad``), at this step's LR."""
         try:
-            out = self.optimizer.step(self.step, loss_value)
+            return self._optimizer(model).step(self.step, loss_value)
         except TrainingDiverged as e:
             last = self.last_checkpoint or "none (no checkpoint written yet)"
             raise TrainingDiverged(f"{e}; last good checkpoint: {last}") from None
+
+    def advance(self) -> int:
+        """End the current training step."""
         self.step += 1
-        return out
+        return self.step
 
     def should_save(self) -> bool:
         return self.step == self.max_steps or (self.save_every > 0 and self.step % self.save_every == 0)
 
     def save(self, extra_state: dict) -> Path:
         state = {"optimizer": self.optimizer.state_dict(), "lora": lora.is_lora(self.model),
-                 "trainable": self._trainable(), "run_config": self.run_config, **extra_state}
+                 "trainable": self._trainable(), "run_config": self.run_config,
+                 "optimizers": {name: t.optimizer.state_dict() for name, t in self.trained.items()},
+                 **extra_state}
+        for name, trained in self.trained.items():
+            trained.save(self._folder(name, self.step))
         try:
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, state,
                                         keep_last=self.loop.keep_last)
@@ -219,7 +286,15 @@ class TrainingRun:
             last = self.last_checkpoint or "none (no checkpoint written yet)"
             raise TrainingDiverged(f"{e}; last good checkpoint: {last}") from None
         self.last_checkpoint = path
+        self._prune_trained_folders()
         return path
+
+    def _prune_trained_folders(self) -> None:
+        kept = {p.name.split("-")[1] for p in ckpt.list_checkpoints(self.output_dir)}
+        for name in self.trained:
+            for folder in ckpt.checkpoints_dir(self.output_dir).glob(f"{name}-*"):
+                if folder.name.split("-")[1] not in kept:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def log(self, row: dict) -> dict:
         now = time.perf_counter()

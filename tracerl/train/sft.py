@@ -1,4 +1,5 @@
-"""``tracerl sft``: supervised fine-tuning of a diffusion LM with any SFT objective.
+"""Supervised fine-tuning pieces: data -> examples, the epoch sampler, the objective's options and
+one optimizer batch's forward/backward (the ``tracerl sft`` recipe composes them).
 
 Data: problems of a task source (reasoning-gym, JSONL, ...) turned into (prompt, gold response)
 token ids with the task's template, or a JSONL file of ``{prompt, response[, step_map]}`` (the
@@ -9,23 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from tracerl.data.jsonl import DataError, check_field, read_jsonl
 from tracerl.data.tasks import TaskConfig, load_problems
+from tracerl.data.templates import problem_prompt_ids
 from tracerl.errors import ConfigError
-from tracerl.generation import SamplingConfig
 from tracerl.objectives import Example, build_sft_rows, count_response_tokens, sft_loss
 from tracerl.objectives.sft import METHOD_FAMILIES, SFT_METHODS
-from tracerl.train import lora
-from tracerl.train.loop import LoopConfig, TrainingRun, step_generator
-from tracerl.train.optim import OptimConfig
 
 DEFAULT_METHOD = {"block": "block", "full": "random_masking", "shifted": "ar"}
 
@@ -52,33 +47,6 @@ class SFTObjectiveConfig:
     complementary: bool = False  # random_masking: also train the complementary mask
     shrink: int = 1  # trace: merge this many consecutive steps
     block_size: int | None = None  # None: the model's block size
-
-
-@dataclass
-class PeriodicEvalConfig:
-    every: int = 0  # evaluate every N steps (0: never during training)
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(split="eval", size=32))
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    n: int = 1
-    batch_size: int = 32
-    stop_at: float | None = None  # SFT: stop once the eval accuracy reaches this (hand RL a partly trained model)
-
-
-@dataclass
-class SFTConfig:
-    model: str = "tiny-block"
-    output_dir: str = "runs/sft"
-    max_steps: int = 100
-    save_every: int = 0  # 0: only the final checkpoint
-    seed: int = 0
-    resume: bool = False
-    device: str = "cpu"
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    objective: SFTObjectiveConfig = field(default_factory=SFTObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    lora: lora.LoraConfig = field(default_factory=lora.LoraConfig)
-    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
 
 class EpochSampler:
@@ -133,6 +101,34 @@ def data_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+def _validate_row(row: dict, where: str) -> None:
+    if "prompt_ids" in row:
+        check_field(row, "prompt_ids", list, where)
+        check_field(row, "response_ids", list, where)
+    else:
+        check_field(row, "prompt", str, where)
+        check_field(row, "response", str, where)
+    if "step_map" in row:
+        check_field(row, "step_map", list, where)
+
+
+def _task_problems(data: SFTDataConfig):
+    problems = load_problems(data.task)
+    for p in problems:
+        if p.answer is None:
+            raise ConfigError(f"data.task: problem {p.id} has no reference answer to train on")
+    return problems
+
+
+def check_sft_data(data: SFTDataConfig) -> None:
+    """Read and check the data (file rows or task problems) without a tokenizer: a bad path,
+    row or task fails before any weights load."""
+    if data.file:
+        read_jsonl(data.file, _validate_row)
+    else:
+        _task_problems(data)
+
+
 def build_examples(model, data: SFTDataConfig, pad_block: int | None = None) -> tuple[list[Example], int]:
     """(examples, number dropped: longer than ``max_length`` or with an empty response).
 
@@ -143,17 +139,7 @@ def build_examples(model, data: SFTDataConfig, pad_block: int | None = None) -> 
     eos = [tok.eos_token_id] if data.append_eos and tok.eos_token_id is not None else []
     examples: list[Example] = []
     if data.file:
-        def validate(row, where):
-            if "prompt_ids" in row:
-                check_field(row, "prompt_ids", list, where)
-                check_field(row, "response_ids", list, where)
-            else:
-                check_field(row, "prompt", str, where)
-                check_field(row, "response", str, where)
-            if "step_map" in row:
-                check_field(row, "step_map", list, where)
-
-        for line, row in read_jsonl(data.file, validate).rows:
+        for line, row in read_jsonl(data.file, _validate_row).rows:
             if "prompt_ids" in row:
                 prompt, response = row["prompt_ids"], row["response_ids"]
             else:
@@ -164,13 +150,9 @@ def build_examples(model, data: SFTDataConfig, pad_block: int | None = None) -> 
             except ConfigError as e:
                 raise DataError(f"{data.file}:{line}: {e}") from None
     else:
-        from tracerl.evaluation import prompt_ids
-
-        for p in load_problems(data.task):
-            if p.answer is None:
-                raise ConfigError(f"data.task: problem {p.id} has no reference answer to train on")
+        for p in _task_problems(data):
             text = data.response_format.format(answer=p.answer, question=p.question)
-            examples.append(Example(prompt_ids(model, p, data.task), tok.encode(text, add_special_tokens=False) + eos))
+            examples.append(Example(problem_prompt_ids(tok, p, data.task), tok.encode(text, add_special_tokens=False) + eos))
     if not examples:
         raise DataError("data: the dataset is empty")
     # An empty response has nothing to supervise (and would make a batch of them a 0/0 loss).
@@ -243,79 +225,3 @@ def _pad_to_block(ex: Example, block: int, eos: int) -> Example:
         last = max(ex.step_map)
         steps = ex.step_map + list(range(last + 1, last + 1 + fill))
     return Example(ex.prompt_ids, ex.response_ids + [eos] * fill, steps)
-
-
-def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from tracerl.models import load_model
-
-    if config.eval.stop_at is not None and not config.eval.every:
-        raise ConfigError(f"eval.stop_at={config.eval.stop_at}: needs periodic evaluation (set eval.every > 0)")
-    model = load_model(config.model, device=config.device, block_size=config.objective.block_size)
-    method = resolve_method(config.objective, model.family)
-    pad_block = None if method == "ar" or not config.data.pad_to_block else model.block_size
-    examples, dropped = build_examples(model, config.data, pad_block)
-    if config.lora.enabled:
-        lora.apply_lora(model, config.lora, seed=config.seed)
-    run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
-                      save_every=config.save_every, seed=config.seed, optim=config.optim, loop=config.loop,
-                      run_config=asdict(config))
-    try:
-        sampler = EpochSampler(len(examples), config.seed, data_fingerprint(examples))
-        if config.resume:
-            # The data may move: the sampler compares its content with the checkpoint's instead.
-            run.resume(validate=lambda state: sampler.load_state_dict(state["sampler"]), may_change=("data.file",))
-        else:
-            run.start_fresh()
-        options = method_options(method, config.objective, model.tokenizer.pad_token_id)
-        per_step = config.loop.micro_batch * config.loop.accumulation
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
-
-        last_eval, stopped = None, False
-        with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=Console(stderr=True),
-                      disable=not progress) as bar:
-            task = bar.add_task("sft", total=config.max_steps, completed=run.step, info="")
-            while run.step < config.max_steps:
-                t0 = time.perf_counter()
-                model.train()
-                batch = [examples[i] for i in sampler.take(per_step)]
-                out = sft_step(model, method, batch, step_generator(config.seed, run.step),
-                               micro_batch=config.loop.micro_batch, options=options, autocast=run.autocast)
-                opt = run.optimizer_step(out["loss"])
-                # tokens_per_s: supervised (response) tokens of the step per second of the step.
-                row = {"loss": out["loss"], **opt, "tokens": out["tokens"], "targets": out["targets"],
-                       "epoch": sampler.epoch, "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
-                if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
-                    last_eval = periodic_eval(model, config.eval, config.seed)
-                    row.update({f"eval_{k}": v for k, v in last_eval.items()})
-                    stopped = config.eval.stop_at is not None and last_eval["accuracy"] >= config.eval.stop_at
-                run.log(row)
-                if run.should_save() or stopped:
-                    run.save({"sampler": sampler.state_dict()})
-                bar.update(task, completed=run.step, info=f"loss {out['loss']:.3f}")
-                if stopped:
-                    break
-    finally:
-        run.close()
-    summary = {"output_dir": config.output_dir, "steps": run.step, "method": method, "examples": len(examples),
-               "stopped_at_accuracy": stopped,
-               "dropped_too_long": dropped, "final_checkpoint": str(run.last_checkpoint),
-               **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
-    (Path(config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def periodic_eval(model, config: PeriodicEvalConfig, seed: int) -> dict:
-    from tracerl.evaluation import EvalConfig, evaluate
-
-    model.eval()
-    problems = load_problems(config.task)
-    eval_config = EvalConfig(task=config.task, sampling=config.sampling, n=config.n, k=[1],
-                             batch_size=config.batch_size, seed=seed)
-    summary, _ = evaluate(model, problems, eval_config)
-    return {"accuracy": summary["accuracy"], "nfe_per_token": summary["nfe_per_token"],
-            "response_length": summary["mean_response_length"], "problems": summary["problems"]}

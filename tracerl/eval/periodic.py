@@ -1,0 +1,30 @@
+"""Evaluation during training (SFT validation, RL held-out accuracy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tracerl.data.tasks import TaskConfig, load_problems
+from tracerl.eval.evaluate import EvalConfig, evaluate
+from tracerl.generation import SamplingConfig
+
+
+@dataclass
+class PeriodicEvalConfig:
+    every: int = 0  # evaluate every N steps (0: never during training)
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(split="eval", size=32))
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    n: int = 1  # samples per problem
+    batch_size: int = 32  # sequences per generate() call
+    stop_at: float | None = None  # SFT: stop once the eval accuracy reaches this (hand RL a partly trained model)
+
+
+def periodic_eval(model, config: PeriodicEvalConfig, seed: int) -> dict:
+    """Accuracy, NFE per token, mean response length and problem count of ``model`` on the task."""
+    model.eval()
+    problems = load_problems(config.task)
+    eval_config = EvalConfig(task=config.task, sampling=config.sampling, n=config.n, k=[1],
+                             batch_size=config.batch_size, seed=seed)
+    summary, _ = evaluate(model, problems, eval_config)
+    return {"accuracy": summary["accuracy"], "nfe_per_token": summary["nfe_per_token"],
+            "response_length": summary["mean_response_length"], "problems": summary["problems"]}

@@ -1,0 +1,119 @@
+"""``tracerl sft``: supervised fine-tuning of a diffusion LM with any SFT objective.
+
+Data: problems of a task source (reasoning-gym, JSONL, ...) turned into (prompt, gold response)
+token ids with the task's template, or a JSONL file of ``{prompt, response[, step_map]}`` (the
+upstream SFT format: the prompt already templated) or ``{prompt_ids, response_ids[, step_map]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tracerl.data.tasks import load_problems
+from tracerl.devices import check_device
+from tracerl.errors import ConfigError
+from tracerl.eval import PeriodicEvalConfig, periodic_eval
+from tracerl.train import lora
+from tracerl.train.loop import LoopConfig, TrainingRun, step_generator
+from tracerl.train.optim import OptimConfig
+from tracerl.train.sft import (
+    EpochSampler,
+    SFTDataConfig,
+    SFTObjectiveConfig,
+    build_examples,
+    check_sft_data,
+    data_fingerprint,
+    method_options,
+    resolve_method,
+    sft_step,
+)
+
+
+@dataclass
+class SFTConfig:
+    model: str = "tiny-block"
+    output_dir: str = "runs/sft"
+    max_steps: int = 100
+    save_every: int = 0  # 0: only the final checkpoint
+    seed: int = 0
+    resume: bool = False
+    device: str = "cpu"
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    objective: SFTObjectiveConfig = field(default_factory=SFTObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    lora: lora.LoraConfig = field(default_factory=lora.LoraConfig)
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+
+
+def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tracerl.models import load_model
+
+    if config.eval.stop_at is not None and not config.eval.every:
+        raise ConfigError(f"eval.stop_at={config.eval.stop_at}: needs periodic evaluation (set eval.every > 0)")
+    # Everything that can be checked without the weights first: a bad path must not cost a load.
+    check_device(config.device)
+    check_sft_data(config.data)
+    if config.eval.every:
+        load_problems(config.eval.task)
+    model = load_model(config.model, device=config.device, block_size=config.objective.block_size)
+    method = resolve_method(config.objective, model.family)
+    pad_block = None if method == "ar" or not config.data.pad_to_block else model.block_size
+    examples, dropped = build_examples(model, config.data, pad_block)
+    if config.lora.enabled:
+        lora.apply_lora(model, config.lora, seed=config.seed)
+    run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
+                      save_every=config.save_every, seed=config.seed, optim=config.optim, loop=config.loop,
+                      run_config=asdict(config))
+    try:
+        sampler = EpochSampler(len(examples), config.seed, data_fingerprint(examples))
+        if config.resume:
+            # The data may move: the sampler compares its content with the checkpoint's instead.
+            run.resume(validate=lambda state: sampler.load_state_dict(state["sampler"]), may_change=("data.file",))
+        else:
+            run.start_fresh()
+        options = method_options(method, config.objective, model.tokenizer.pad_token_id)
+        per_step = config.loop.micro_batch * config.loop.accumulation
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(config.output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+        last_eval, stopped = None, False
+        with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[info]}"), console=Console(stderr=True),
+                      disable=not progress) as bar:
+            task = bar.add_task("sft", total=config.max_steps, completed=run.step, info="")
+            while run.step < config.max_steps:
+                t0 = time.perf_counter()
+                model.train()
+                batch = [examples[i] for i in sampler.take(per_step)]
+                out = sft_step(model, method, batch, step_generator(config.seed, run.step),
+                               micro_batch=config.loop.micro_batch, options=options, autocast=run.autocast)
+                opt = run.update(out["loss"])
+                run.advance()
+                # tokens_per_s: supervised (response) tokens of the step per second of the step.
+                row = {"loss": out["loss"], **opt, "tokens": out["tokens"], "targets": out["targets"],
+                       "epoch": sampler.epoch, "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
+                if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
+                    last_eval = periodic_eval(model, config.eval, config.seed)
+                    row.update({f"eval_{k}": v for k, v in last_eval.items()})
+                    stopped = config.eval.stop_at is not None and last_eval["accuracy"] >= config.eval.stop_at
+                run.log(row)
+                if run.should_save() or stopped:
+                    run.save({"sampler": sampler.state_dict()})
+                bar.update(task, completed=run.step, info=f"loss {out['loss']:.3f}")
+                if stopped:
+                    break
+    finally:
+        run.close()
+    summary = {"output_dir": config.output_dir, "steps": run.step, "method": method, "examples": len(examples),
+               "stopped_at_accuracy": stopped,
+               "dropped_too_long": dropped, "final_checkpoint": str(run.last_checkpoint),
+               **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
+    (Path(config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

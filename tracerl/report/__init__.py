@@ -1,0 +1,1 @@
+"""Reports for humans: the trace page (replay a generation's unmasking order) and PNG plots."""

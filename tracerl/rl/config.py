@@ -1,0 +1,66 @@
+"""The RL run's typed config: rollout, the shared policy-update knobs, the value model, and the
+algorithm's own section (``policy.options``, typed by the algorithm named in ``policy.method``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tracerl.data.tasks import TaskConfig
+from tracerl.eval import PeriodicEvalConfig
+from tracerl.generation import SamplingConfig
+from tracerl.train.loop import LoopConfig
+from tracerl.train.optim import OptimConfig
+
+
+@dataclass
+class RolloutConfig:
+    num_prompts: int = 8  # problems per RL step
+    group_size: int = 8  # responses per problem
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    batch_size: int = 64  # sequences per generate() call (never changes a sample)
+
+
+@dataclass
+class PolicyConfig:
+    method: str = "tracerl"  # the RL algorithm (registry name): tracerl, random_masking, coupled, or a plugin's
+    options: dict = field(default_factory=dict)  # per algorithm, its own keys: {tracerl: {shrink: 1}} (`tracerl config rl`)
+    ppo_epochs: int = 1  # passes over the step's responses
+    eps: float = 0.2  # PPO clip range
+    logratio_clamp: float = 10.0  # |log ratio| cap before exp
+    beta: float = 0.0  # k3 KL weight
+    kl_reference: str = "rollout"  # rollout (upstream: the policy that sampled) | initial (frozen copy)
+    normalisation: str = "token_mean"  # token_mean | upstream (1/L1 per row)
+    filter_equal: bool = True  # drop groups whose rewards are all equal (they carry no signal)
+    accuracy_band: list[float] | None = None  # e.g. [0.2, 0.8]: keep groups with accuracy inside
+    rows_per_forward: int = 0  # cap on training rows per forward, for memory (0 = a micro-batch's rows)
+
+
+@dataclass
+class ValueConfig:
+    enabled: bool = False  # train a diffusion value model; advantages by GAE over trace steps
+    share_backbone: bool = False  # False: a separate copy of the backbone (upstream-compatible)
+    gamma: float = 1.0  # GAE discount over trace steps
+    lam: float = 1.0  # GAE lambda
+    eps: float = 0.2  # value clipping
+    lr: float = 5e-6  # value model learning rate
+    train_every: int = 1  # update the value model every N RL steps (advantages every step)
+
+
+@dataclass
+class RLConfig:
+    model: str = "tiny-block"  # preset name or checkpoint folder (the policy's start)
+    output_dir: str = "runs/rl"
+    max_steps: int = 20  # RL steps
+    save_every: int = 0  # checkpoint every N steps (0: only the final one)
+    seed: int = 0  # run seed: rollout problems, masks, base sampling seed
+    resume: bool = False  # continue the latest checkpoint in output_dir
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps
+    plugins: list[str] = field(default_factory=list)  # modules or .py files to import first (they register algorithms)
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(split="train", size=256))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
+    loop: LoopConfig = field(default_factory=LoopConfig)  # micro_batch = responses per micro-batch
+    eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    fail_on_reward_error: bool = False  # a reward function that raises: 0 reward, reported (or stop)

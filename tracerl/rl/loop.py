@@ -1,0 +1,218 @@
+"""One RL step, generic over the algorithm (rl/algorithms): no method names here.
+
+Per step: sample ``num_prompts`` training problems -> ``group_size`` responses each through the
+one rollout path (the trace comes with every response) -> rewards -> the algorithm's advantages
+(groups may be dropped, rewards never move between responses) -> the algorithm's rows -> old
+log-probs (and the frozen reference's) -> with a value model, per-target GAE advantages from the
+value model *before* its update, then the value update -> ``ppo_epochs`` passes of the
+algorithm's loss over shuffled whole responses.  The sampler and the trainer share the same
+weights: nothing is written to disk between rollout and training.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+# Relative imports: this module names no RL method, not even the package's own name (a grep for
+# method names over it must come back empty).
+from ..errors import ConfigError
+from ..objectives import Example, ValueModel, gae_targets, rl_normaliser, target_logprobs, value_loss
+from ..rollout import base_seed, rollout
+from ..train.loop import TrainingRun, step_generator
+from ..train.optim import OptimConfig
+from .algorithms import Algorithm
+from .config import RLConfig
+
+VALUE = "value"  # the value model's name in the TrainingRun (checkpoint folders value-N)
+REFERENCE = "reference"
+
+
+class TargetIndex:
+    """Maps the targets of a row subset back to positions in the full target arrays."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+        self.stride = int(rows.target_index.max()) + 1 if rows.num_targets else 1
+        keys = rows.target_row.cpu() * self.stride + rows.target_index.cpu()
+        self.order = torch.argsort(keys)
+        self.sorted = keys[self.order]
+
+    def positions(self, sub, global_rows: torch.Tensor) -> torch.Tensor:
+        keys = global_rows[sub.target_row.cpu()] * self.stride + sub.target_index.cpu()
+        return self.order[torch.searchsorted(self.sorted, keys)]
+
+    def micro_batches(self, examples, size: int, max_rows: int = 0):
+        """``(rows, their positions in the full target arrays)`` for each chunk of ``size``
+        examples, split further into forwards of at most ``max_rows`` rows (0: no cap).  Losses
+        are sums over targets divided by a per-optimizer-batch constant, so splitting one
+        response's rows over forwards changes nothing but peak memory (a full-attention trace
+        has one row per decoding step)."""
+        examples = torch.as_tensor(examples).reshape(-1)
+        for start in range(0, examples.numel(), size):
+            chosen = torch.isin(self.rows.row_example, examples[start : start + size])
+            global_rows = chosen.nonzero().reshape(-1)
+            for piece in global_rows.split(max_rows) if max_rows > 0 else (global_rows,):
+                sub = self.rows.select(piece)
+                yield sub, self.positions(sub, piece.cpu())
+
+
+def setup_models(config: RLConfig, algorithm: Algorithm, run: TrainingRun) -> None:
+    """Give the run the models this config trains besides the policy (call before resume)."""
+    if config.value.enabled:
+        model = run.model
+        value_model = ValueModel(model, share_backbone=config.value.share_backbone)
+        params = (list(value_model.value_head.parameters()) if config.value.share_backbone
+                  else list(value_model.parameters()))
+
+        def load(folder):
+            loaded = ValueModel.from_pretrained(folder, value_model.backbone_lm if value_model.share_backbone else None,
+                                                share_backbone=value_model.share_backbone)
+            value_model.load_state_dict(loaded.state_dict())
+
+        run.add_trained(VALUE, value_model, params, OptimConfig(lr=config.value.lr, grad_clip=config.optim.grad_clip),
+                        save=value_model.save_pretrained, load=load)
+    if config.policy.kl_reference == "initial" and config.policy.beta > 0:
+        run.add_frozen_copy(REFERENCE)
+
+
+def check_value_use(config: RLConfig, algorithm: Algorithm) -> None:
+    use = algorithm.value_model
+    if config.value.enabled and use == "unsupported":
+        raise ConfigError(f"value.enabled: the value model needs rows whose targets are the trace steps (every "
+                          f"token a target once per step of its trajectory); policy.method={algorithm.name!r} "
+                          f"cannot use it")
+    if not config.value.enabled and use == "required":
+        raise ConfigError(f"value.enabled: policy.method={algorithm.name!r} needs a value model (set value.enabled=true)")
+
+
+def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, prompts) -> dict:
+    """Roll out, score and train for step ``run.step``; returns the step's metrics row."""
+    model, step, seed, p = run.model, run.step, config.seed, config.policy
+    value_model = run.trained[VALUE].module if VALUE in run.trained else None
+    reference = run.frozen.get(REFERENCE)
+    rng = np.random.default_rng([seed, step])
+    t0 = time.perf_counter()
+
+    # 1. rollout and rewards: the same in-memory weights that are being trained
+    model.eval()
+    chosen = rng.choice(len(problems), config.rollout.num_prompts, replace=False).tolist()
+    sampling = config.rollout.sampling
+    result = rollout(model, [problems[i] for i in chosen], [prompts[i] for i in chosen], sampling,
+                     seed_key=(base_seed(sampling, seed), step), samples_per_problem=config.rollout.group_size,
+                     batch_size=config.rollout.batch_size, reward_workers=config.loop.micro_batch,
+                     fail_on_reward_error=config.fail_on_reward_error)
+    gens = [x.generation for x in result.samples]
+    t1 = time.perf_counter()
+    rewards = np.array([x.score.reward for x in result.samples], dtype=np.float64)
+    correct = np.array([x.score.correct for x in result.samples], dtype=bool)
+    adv, keep = algorithm.advantages(rewards, [x.problem_index for x in result.samples], correct)
+    kept = [i for i in range(len(gens)) if bool(keep[i])]
+    tokens = sum(len(g.response_ids) for g in gens)
+    row = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.mean()),
+           "response_length": tokens / len(gens), "nfe_per_token": sum(g.nfe for g in gens) / max(1, tokens),
+           "kept_fraction": len(kept) / len(gens), "reward_errors": len(result.reward_errors)}
+    if result.reward_errors:
+        row["reward_error_examples"] = result.reward_errors[:3]
+    t2 = time.perf_counter()
+    if not kept:  # every group filtered out: nothing to learn from this step
+        row.update(policy_loss=0.0, time_rollout=t1 - t0, time_reward=t2 - t1, time_value=0.0, time_policy=0.0)
+        return row
+
+    examples = [Example.from_generation(gens[i]) for i in kept]
+    example_adv = torch.tensor([float(adv[i]) for i in kept], dtype=torch.float32)
+    rows = algorithm.rows(model, examples, step_generator(seed, step), block_size=sampling.block_size,
+                          pad_id=model.tokenizer.pad_token_id)
+    index = TargetIndex(rows)
+    micro = config.loop.micro_batch
+
+    def per_target(fn):
+        """Evaluate ``fn(sub_rows)`` (no grad) over the micro-batches the policy pass uses, aligned.
+        Same precision context as the policy pass, so the first on-policy ratio is exactly 1."""
+        out = torch.zeros(rows.num_targets)
+        with torch.no_grad(), run.autocast():
+            for sub, pos in index.micro_batches(torch.arange(len(examples)), micro, p.rows_per_forward):
+                out[pos] = fn(sub).float().cpu()
+        return out
+
+    # 2. old log-probs (the rollout policy) and the reference for the KL term
+    old_logp = per_target(lambda sub: target_logprobs(model, sub, policy=True))
+    ref_logp = per_target(lambda sub: target_logprobs(reference, sub, policy=True)) if reference is not None else None
+
+    # 3. advantages per target: the response's, or GAE over trace steps with the value model
+    t3 = time.perf_counter()
+    if value_model is not None:
+        old_values = per_target(value_model.values)
+        returns, target_adv = gae_targets(rows, old_values, example_adv.tolist(),
+                                          gamma=config.value.gamma, lam=config.value.lam)
+        returns, target_adv = returns.float(), target_adv.float()
+        var = float(returns.var()) if returns.numel() > 1 else 0.0
+        row["explained_variance"] = 1.0 - float((returns - old_values).var()) / var if var > 0 else 0.0
+        if step % config.value.train_every == 0:
+            row["value_loss"] = _update_values(config, run, value_model, index, old_values, returns, examples)
+            model.backbone.zero_grad(set_to_none=True)  # shared backbone: value grads must not leak
+    else:
+        target_adv = example_adv[rows.target_example.cpu()]
+    t4 = time.perf_counter()
+
+    # 4. policy update: ppo_epochs passes over shuffled whole responses
+    model.train()
+    per_update = micro * config.loop.accumulation
+    stats_sum: dict[str, float] = {}
+    updates, losses = 0, []
+    max_len = max(len(e.response_ids) for e in examples)
+    for epoch in range(p.ppo_epochs):
+        order = np.random.default_rng([seed, step, epoch]).permutation(len(examples))
+        for start in range(0, len(order), per_update):
+            batch = order[start : start + per_update]
+            batch_rows = int(torch.isin(rows.row_example, torch.as_tensor(batch)).sum())
+            normaliser = rl_normaliser(p.normalisation, [examples[i] for i in batch], num_rows=batch_rows,
+                                       response_length=max_len)
+            loss_total = 0.0
+            for sub, pos in index.micro_batches(batch, micro, p.rows_per_forward):
+                if sub.num_targets == 0:
+                    continue
+                with run.autocast():
+                    logp = target_logprobs(model, sub, policy=True)
+                dev = logp.device
+                loss, stats = algorithm.loss(
+                    logp, old_logp[pos].to(dev), target_adv[pos].to(dev), normaliser=normaliser,
+                    ref_logprobs=ref_logp[pos].to(dev) if ref_logp is not None else None,
+                    weights=sub.target_weight.to(dev))
+                loss.backward()
+                loss_total += float(loss.detach())
+                for k in ("ratio_mean", "clip_fraction", "approx_kl"):
+                    if k in stats:
+                        stats_sum[k] = stats_sum.get(k, 0.0) + float(stats[k])
+                updates += 1
+            opt = run.update(loss_total)
+            losses.append(loss_total)
+            row.update(lr=opt["lr"], grad_norm=opt["grad_norm"])
+    t5 = time.perf_counter()
+    row.update({"policy_loss": float(np.mean(losses)) if losses else 0.0,
+                **{("kl" if k == "approx_kl" else k): v / max(1, updates) for k, v in stats_sum.items()},
+                "optimizer_updates": len(losses), "time_rollout": t1 - t0, "time_reward": t2 - t1,
+                "time_value": t4 - t3, "time_policy": t5 - t4})
+    return row
+
+
+def _update_values(config: RLConfig, run: TrainingRun, value_model, index, old_values, returns, examples) -> float:
+    value_model.train()
+    micro = config.loop.micro_batch
+    # The policy's normalisation (upstream's value loss is per row / L1, like its policy loss).
+    normaliser = rl_normaliser(config.policy.normalisation, examples, num_rows=int(index.rows.row_example.numel()),
+                               response_length=max(len(e.response_ids) for e in examples))
+    total = 0.0
+    for sub, pos in index.micro_batches(torch.arange(len(examples)), micro, config.policy.rows_per_forward):
+        with run.autocast():
+            values = value_model.values(sub)
+        dev = values.device
+        loss, _ = value_loss(values, old_values[pos].to(dev), returns[pos].to(dev), normaliser=normaliser,
+                             eps=config.value.eps)
+        loss.backward()
+        total += float(loss.detach())
+    run.update(total, model=VALUE)  # refuses a non-finite loss (TrainingDiverged)
+    value_model.eval()
+    return total

@@ -1,0 +1,111 @@
+"""One rollout path: problems -> prompts -> generations -> decoded text -> scores.
+
+Evaluation, the RL loop and the quickstart's trace page all sample through ``rollout``; the
+continuous-batching engine plugs in behind it (``generate`` here is the exact reference sampler).
+
+Seed rule.  A rollout has a *seed key*, a tuple of non-negative ints (eval: ``(seed,)``; an RL
+step: ``(seed, step)``).  Sample ``s`` of problem ``i`` (``i`` = its index in the ``problems`` list
+of the call) draws all its randomness from its own generator, seeded with
+``derive_seed(*key, i, s)``.  A sample therefore never depends on ``batch_size``, on which other
+requests shared its forward passes, or on their order.  The base seed of a run is
+``sampling.seed`` when set, else the run's ``seed`` (``base_seed``): a sampling seed of 0 is a
+seed, not "unset".
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tracerl.data.tasks import Problem, TaskConfig
+from tracerl.data.templates import problem_prompt_ids
+from tracerl.generation import Generation, GenerationStats, SamplingConfig, derive_seed, generate
+from tracerl.rewards import Score, score_batch
+
+
+@dataclass
+class Sample:
+    """One response to one problem: the trace, the text the reward read, and its score."""
+
+    problem_index: int  # index of the problem in the rollout's ``problems``
+    sample: int  # 0 .. samples_per_problem - 1
+    problem: Problem
+    generation: Generation
+    text: str  # decoded without special tokens: what the reward saw
+    score: Score
+
+
+@dataclass
+class RolloutResult:
+    samples: list[Sample]  # problem-major: problem 0's samples first, each in sample order
+    reward_errors: list[str]  # one line per sample whose reward function raised (scored 0)
+    stats: GenerationStats
+
+
+def base_seed(sampling: SamplingConfig, run_seed: int) -> int:
+    return sampling.seed if sampling.seed is not None else run_seed
+
+
+def prompts_for(tokenizer, problems: Sequence[Problem], task: TaskConfig) -> list[list[int]]:
+    return [problem_prompt_ids(tokenizer, p, task) for p in problems]
+
+
+def rollout(
+    model,
+    problems: Sequence[Problem],
+    prompts: Sequence[list[int]],
+    sampling: SamplingConfig,
+    *,
+    seed_key: tuple[int, ...],
+    samples_per_problem: int = 1,
+    batch_size: int = 64,
+    reward_workers: int = 2,
+    fail_on_reward_error: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> RolloutResult:
+    """``samples_per_problem`` responses per problem, scored; see the module docstring for seeds.
+
+    ``prompts[i]`` are problem i's prompt ids (``prompts_for``; computed once by callers that
+    sample the same problems every step).  A reward function that raises ends the rollout with
+    ``fail_on_reward_error``; otherwise that sample scores 0 and is reported in
+    ``reward_errors``."""
+    if len(prompts) != len(problems):
+        raise ValueError(f"{len(problems)} problems but {len(prompts)} prompts")
+    jobs = [(i, s) for i in range(len(problems)) for s in range(samples_per_problem)]
+    stats = GenerationStats()
+    samples: list[Sample] = []
+    errors: list[str] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        gens = generate(model, [prompts[i] for i, _ in chunk], sampling,
+                        seeds=[derive_seed(*seed_key, i, s) for i, s in chunk], stats=stats)
+        # Rewards read the text without special tokens (eos, im_end, padding).
+        texts = [model.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
+        scores, chunk_errors = safe_scores([problems[i] for i, _ in chunk], texts, reward_workers,
+                                           fail_on_reward_error)
+        errors += chunk_errors
+        samples += [Sample(i, s, problems[i], g, t, sc) for (i, s), g, t, sc in zip(chunk, gens, texts, scores)]
+        if progress is not None:
+            progress(len(chunk))
+    return RolloutResult(samples, errors, stats)
+
+
+def safe_scores(problems: Sequence[Problem], texts: Sequence[str], workers: int,
+                fail: bool) -> tuple[list[Score], list[str]]:
+    """Score; with ``fail`` False a reward function that raises gives 0 for that sample and a
+    report naming it (problem id, exception, start of the response)."""
+    try:
+        return score_batch(list(problems), list(texts), workers=workers), []
+    except Exception:
+        pass  # find the sample(s) that raised
+    scores, errors = [], []
+    for p, t in zip(problems, texts):
+        try:
+            scores.append(score_batch([p], [t], workers=1)[0])
+        except Exception as e:
+            if fail:
+                raise
+            errors.append(f"problem {p.id}: {type(e).__name__}: {e} (response {t[:80]!r})")
+            scores.append(Score(0.0, False, None, {"error": traceback.format_exc(limit=2)}))
+    return scores, errors
