@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import sys
+import types
+import typing
 import warnings
 
 from tracerl.errors import TracerlError
@@ -32,45 +34,70 @@ def _emit_json(obj: dict) -> None:
     sys.stdout.flush()
 
 
-def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    from tracerl.generation.config import FULL_CACHE_MODES, STRATEGIES
+_SAMPLING_FROM_FLAGS = "return_logprobs"  # not an option of its own: generate --logprobs, trace always
 
-    p.add_argument("--block-size", type=int, default=None, help="tokens per block (default: the model's)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps per block (default: block size)")
-    p.add_argument("--strategy", default="static", help=f"unmasking rule: {', '.join(STRATEGIES)}")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of 'dynamic'")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-cache", action="store_true", help="disable the KV cache (exact reference)")
-    p.add_argument("--full-cache", default="none", help=f"full attention cache: {', '.join(FULL_CACHE_MODES)}")
+
+def _option_kwargs(tp) -> dict:
+    """argparse keywords for a config field annotated ``tp`` (``X | None`` as ``X``)."""
+    import yaml
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+        typing.Union, types.UnionType) else [tp]
+    base = args[0] if len(args) == 1 else None
+    if base is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if base in (int, float, str):
+        return {"type": base, "metavar": base.__name__.upper()}
+    if typing.get_origin(base) in (list, tuple):
+        item = (typing.get_args(base) or (str,))[0]
+        if item in (int, float, str):
+            return {"nargs": "*", "type": item, "metavar": item.__name__.upper()}
+        return {"nargs": "*", "type": yaml.safe_load, "metavar": "VALUE"}
+    return {"type": yaml.safe_load, "metavar": "VALUE"}  # one YAML value, as in a key=value override
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """One option per ``SamplingConfig`` field (``--max-new-tokens``, ``--use-cache/--no-use-cache``,
+    ...), with the dataclass's type, default and field comment: the CLI declares no default."""
+    from tracerl.config import config_entries
+    from tracerl.generation.config import FULL_CACHE_MODES, STRATEGIES, SamplingConfig
+
+    choices = {"strategy": STRATEGIES, "full_cache": FULL_CACHE_MODES}
+    hints = typing.get_type_hints(SamplingConfig)
+    group = p.add_argument_group("sampling options (tracerl.generation.SamplingConfig)")
+    for name, default, description in config_entries(SamplingConfig):
+        if name == _SAMPLING_FROM_FLAGS:
+            continue
+        kwargs = _option_kwargs(hints[name])
+        if name in choices:
+            kwargs["choices"] = choices[name]
+            kwargs.pop("metavar", None)
+        if kwargs.get("nargs") == "*":
+            description = f"{description}; the flag alone: an empty list".lstrip("; ")
+        action = group.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
+                                    help=description.replace("%", "%%"), **kwargs)
+        if "%(default)" not in action.help:  # BooleanOptionalAction adds it itself (Python < 3.13)
+            action.help = f"{action.help} (default: %(default)s)".strip()
+        if name == "use_cache":  # the README's spelling
+            group.add_argument("--no-cache", dest=name, action="store_false", default=argparse.SUPPRESS,
+                               help="same as --no-use-cache (exact reference: no KV cache)")
 
 
 def _sampling_config(args: argparse.Namespace, return_logprobs: bool = False):
     from tracerl.generation.config import SamplingConfig
 
-    return SamplingConfig(
-        max_new_tokens=args.max_new_tokens, block_size=args.block_size, steps=args.steps,
-        strategy=args.strategy, threshold=args.threshold, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache,
-        full_cache=args.full_cache, seed=args.seed, return_logprobs=return_logprobs,
-    )
+    options = {name: getattr(args, name) for name in SamplingConfig.option_names() if name != _SAMPLING_FROM_FLAGS}
+    return SamplingConfig(**options, return_logprobs=return_logprobs)
 
 
 def _encode_prompt(model, text: str, chat: bool) -> list[int]:
+    from tracerl.data.templates import render_prompt
+
     if text == "":
         raise TracerlError("--prompt: empty prompt")
-    tok = model.tokenizer
-    if chat:
-        if not tok.chat_template:
-            raise TracerlError("--chat: this model's tokenizer has no chat template")
-        out = tok.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
-    return tok.encode(text, add_special_tokens=False)
+    if chat and not getattr(model.tokenizer, "chat_template", None):
+        raise TracerlError("--chat: this model's tokenizer has no chat template")
+    return render_prompt(model.tokenizer, text, chat=chat)
 
 
 def _generate_one(args: argparse.Namespace, return_logprobs: bool = False):
@@ -105,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from tracerl.trace_view import write_trace_html
+    from tracerl.report.trace_page import write_trace_html
 
     model, gen = _generate_one(args, return_logprobs=True)
     path = write_trace_html(args.html, model.tokenizer, [gen], title=args.prompt[:80])
@@ -118,7 +145,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "generate":
-        from tracerl.bench import bench_generate, format_generate_table
+        from tracerl.recipes.bench_generate import bench_generate, format_generate_table
 
         result = bench_generate(model_name=args.model, device=args.device, quick=args.quick)
         print(format_generate_table(result), file=sys.stderr if args.json else sys.stdout)
@@ -126,7 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _emit_json(result)
         return 0
     if args.what == "train":
-        from tracerl.bench_train import bench_train, format_train_table
+        from tracerl.recipes.bench_train import bench_train, format_train_table
 
         result = bench_train(quick=args.quick)
         print(format_train_table(result), file=sys.stderr if args.json else sys.stdout)
@@ -170,7 +197,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from tracerl.scoring import score_file
+    from tracerl.recipes.score import score_file
 
     summary = score_file(args.task, args.input, args.output, skip_bad_rows=args.skip_bad_rows,
                          workers=args.workers, answer_field=args.answer_field)
@@ -184,7 +211,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tracerl.config import load_config
-    from tracerl.evaluation import EvalConfig, run_eval
+    from tracerl.eval import EvalConfig
+    from tracerl.recipes.eval import run_eval
 
     path, overrides = _overrides_and_config(args)
     config = load_config(EvalConfig, path, overrides)
@@ -221,19 +249,20 @@ def _run_recipe(args: argparse.Namespace, schema, runner) -> int:
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from tracerl.train.sft import SFTConfig, run_sft
+    from tracerl.recipes.sft import SFTConfig, run_sft
 
     return _run_recipe(args, SFTConfig, run_sft)
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    from tracerl.rl import RLConfig, run_rl
+    from tracerl.recipes.rl import run_rl
+    from tracerl.rl import RLConfig
 
     return _run_recipe(args, RLConfig, run_rl)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from tracerl.quickstart import format_table, load_quickstart_config, run_quickstart
+    from tracerl.recipes.quickstart import format_table, load_quickstart_config, run_quickstart
 
     path, overrides = _overrides_and_config(args)
     if args.out:
@@ -250,42 +279,126 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_COMMANDS = ("eval", "sft", "rl", "quickstart")
+NEED_CONFIG = ("eval", "sft", "rl")  # quickstart runs on its embedded recipe
+
+
+def default_config(command: str):
+    """The config a command runs on when a key is not given: its schema's defaults (``rl``: with a
+    ``policy.options`` section for every registered algorithm), ``quickstart``: the recipe's."""
+    if command == "eval":
+        from tracerl.eval import EvalConfig
+
+        return EvalConfig()
+    if command == "sft":
+        from tracerl.recipes.sft import SFTConfig
+
+        return SFTConfig()
+    if command == "rl":
+        from tracerl.rl import RLConfig
+        from tracerl.rl.algorithms import algorithm_class, algorithm_names
+
+        config = RLConfig()
+        config.policy.options = {name: algorithm_class(name).Options() for name in algorithm_names()}
+        return config
+    if command == "quickstart":
+        from tracerl.recipes.quickstart import load_quickstart_config
+
+        return load_quickstart_config()
+    raise TracerlError(f"config: unknown command {command!r}; valid: {', '.join(CONFIG_COMMANDS)}")
+
+
+def _config_keys_epilog(command: str) -> str:
+    """The `--help` listing of every config key of ``command``: key=default, description."""
+    from tracerl.config import config_entries, format_value
+
+    rows = [(f"{key}={format_value(value)}", description) for key, value, description in
+            config_entries(default_config(command))]
+    width = min(44, max(len(left) for left, _ in rows))
+    lines = [f"  {left:<{width}}  {description}".rstrip() for left, description in rows]
+    source = "the recipe's values" if command == "quickstart" else "defaults"
+    return (f"config keys ({source}; set them in the YAML file or as key=value; "
+            f"`tracerl config {command}` prints them as YAML):\n" + "\n".join(lines))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from tracerl.config import default_yaml
+
+    what = "the recipe (tracerl/recipes/quickstart.yaml)" if args.what == "quickstart" else "every key's default"
+    print(f"# `tracerl {args.what}` config: {what}.  Run: tracerl {args.what} FILE [key=value ...]")
+    if args.what == "rl":
+        print("# policy.options: one section per RL algorithm; the run uses policy.method's.")
+    sys.stdout.write(default_yaml(default_config(args.what)))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose slow parts wait until they are needed: ``setup(parser)`` adds
+    options when this (sub)parser first parses or shows its usage (generate's sampling options
+    import the generation package, which imports torch), and an ``epilog`` given as a function
+    is called only when the help is shown (the config-key listings import the recipes)."""
+
+    def __init__(self, *args, setup=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup = setup
+
+    def _ready(self) -> None:
+        setup, self._setup = self._setup, None
+        if setup is not None:
+            setup(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ready()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._ready()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._ready()
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def _add_config_command(sub, name: str, help_text: str, example_config: str, example_override: str, func):
-    """A subcommand taking `CONFIG [key=value ...] [--no-progress] [--json]` (eval, sft, rl)."""
-    p = sub.add_parser(name, help=help_text)
+    """A subcommand taking `CONFIG [key=value ...] [--no-progress] [--json]` (eval, sft, rl,
+    quickstart); its --help lists every config key with its default and description."""
+    p = sub.add_parser(name, help=help_text, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=lambda: _config_keys_epilog(name))
     p.add_argument("config", nargs="?", default=None, help=f"YAML config (see {example_config})")
     p.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example_override}")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=func)
+    p.set_defaults(func=func, parser=p)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tracerl",
         description="Build, post-train (SFT, TraceRL) and serve diffusion language models.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="generate from a preset or checkpoint folder")
+    p = sub.add_parser("generate", help="generate from a preset or checkpoint folder", setup=_add_sampling_options)
     p.add_argument("--model", default="tiny-block", help="preset (tiny-block, tiny-full, tiny-shifted) or folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--device", default="cpu")
     p.add_argument("--logprobs", action="store_true", help="also report per-token log-probs and confidences")
     p.add_argument("--json", action="store_true")
-    _add_sampling_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("trace", help="write an HTML page replaying one generation's unmasking order")
+    p = sub.add_parser("trace", help="write an HTML page replaying one generation's unmasking order",
+                       setup=_add_sampling_options)
     p.add_argument("--model", default="tiny-block")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--html", required=True, help="output HTML file")
     p.add_argument("--json", action="store_true")
-    _add_sampling_options(p)
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("bench", help="benchmarks (generate, train)")
@@ -319,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
                             cmd_quickstart)
     p.add_argument("--out", default=None, help="output folder (default: runs/quickstart)")
 
+    p = sub.add_parser("config", help="print a command's full config (every key, its default, what it does) as YAML")
+    p.add_argument("what", metavar="CMD", choices=CONFIG_COMMANDS, help=f"one of: {', '.join(CONFIG_COMMANDS)}")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("info", help="describe a model: family, mask token, block size, size")
     p.add_argument("model")
     p.add_argument("--json", action="store_true")
@@ -341,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
+    if args.command in NEED_CONFIG and args.config is None and not args.overrides:
+        # A run on nothing but built-in defaults is never what was meant: say how to get a config.
+        args.parser.error(f"give a config file or key=value overrides (`tracerl config {args.command}` "
+                          "prints the defaults)")
     _quiet_libraries()
     try:
         return args.func(args)

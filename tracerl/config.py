@@ -4,11 +4,19 @@ A recipe's config is a tree of dataclasses.  ``load_config(Schema, path, ["a.b=3
 YAML file, applies the overrides (values parsed as YAML scalars: ``3``, ``0.5``, ``true``,
 ``[1, 2]``, ``null``), and builds the dataclasses, checking every key and type.  An unknown key
 or a wrong type is an error that names the key (and the file) and lists the valid choices.
+
+``describe_fields``, ``config_entries`` and ``default_yaml`` describe a config: a field's
+description is the trailing ``# comment`` on its line in the dataclass source.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -184,3 +192,161 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def config_to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def build_section(cls: type[T], data: dict, key: str) -> T:
+    """Build the dataclass ``cls`` from a mapping found at dotted ``key`` (a section whose schema
+    is known only at run time, e.g. an RL algorithm's ``policy.options``), checked like
+    ``load_config``: unknown keys and wrong types are errors naming ``key.field``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: must be a mapping, got {data!r}")
+    return _build(cls, data, key, prefix=key + ".")
+
+
+# -- describing a config: field comments, a flat key list, a commented YAML ----------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _own_field_comments(cls: type) -> dict[str, str]:
+    """Trailing comments of the annotated fields written in ``cls``'s own body (only the fields
+    that have one); {} when the source is not available or does not parse."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    nested = source[:1].isspace()  # a class defined in a function or class: parse it as a block
+    if nested:
+        source = "if 1:\n" + source
+    try:
+        tree = ast.parse(source)
+        trailing: dict[int, str] = {}  # line -> the comment that follows code on that line
+        code_row = 0  # the line where the last code token ended
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                if tok.start[0] == code_row:
+                    trailing[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                code_row = tok.end[0]
+    except (SyntaxError, tokenize.TokenError):
+        return {}
+    node = tree.body[0].body[0] if nested else tree.body[0]
+    if not isinstance(node, ast.ClassDef):
+        return {}
+    out = {}
+    for stmt in node.body:
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            rows = range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1)
+            comment = next((trailing[r] for r in rows if trailing.get(r)), "")
+            if comment:
+                out[stmt.target.id] = comment
+    return out
+
+
+def describe_fields(cls: Any) -> dict[str, str]:
+    """``{field: one-line description}`` of a dataclass (or instance), in field order: the trailing
+    ``# comment`` on the field's line in the class source ("" for a field without one).  A field
+    redeclared without a comment in a subclass keeps its base class's description."""
+    if not isinstance(cls, type):
+        cls = type(cls)
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"describe_fields: {cls!r} is not a dataclass")
+    comments: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            comments.update(_own_field_comments(base))
+    return {f.name: comments.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _is_section(value: Any) -> bool:
+    """Values written as a nested mapping: config sections (dataclass instances) and non-empty
+    mappings (e.g. ``policy.options``, ``task.params``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return bool(dataclasses.fields(value))
+    return isinstance(value, dict) and bool(value)
+
+
+def _section_items(section: Any) -> list[tuple[Any, Any, str]]:
+    """(key, value, description) of a section: a dataclass instance or class (a field without a
+    default: ``dataclasses.MISSING``), or a mapping (no descriptions)."""
+    if isinstance(section, dict):
+        return [(k, v, "") for k, v in section.items()]
+    described = describe_fields(section)
+    items = []
+    for f in dataclasses.fields(section):
+        if not f.init:
+            continue
+        if not isinstance(section, type):
+            value = getattr(section, f.name)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = dataclasses.MISSING
+        items.append((f.name, value, described[f.name]))
+    return items
+
+
+def config_entries(config: Any) -> list[tuple[str, Any, str]]:
+    """Every leaf key of a config class or instance as ``(dotted_key, value, description)``, in
+    field order; nested sections (dataclass defaults and ``default_factory`` instances, non-empty
+    mappings) are flattened into dotted keys (``rollout.sampling.steps``).  For a class, the
+    values are the defaults (``dataclasses.MISSING`` for a required field)."""
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"config_entries: {config!r} is not a dataclass")
+
+    def walk(section: Any, prefix: str) -> None:
+        for key, value, description in _section_items(section):
+            if _is_section(value):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out.append((f"{prefix}{key}", value, description))
+
+    out: list[tuple[str, Any, str]] = []
+    walk(config, "")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as YAML-representable builtins (dataclasses as mappings, tuples as lists)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def format_value(value: Any) -> str:
+    """One-line YAML of a value, as a config file or a ``key=value`` override writes it
+    (``null``, ``true``, ``[1, 2]``, ``' {answer}'``)."""
+    value = _plain(value)
+    style = '"' if isinstance(value, str) and not value.isprintable() else None  # newlines: escaped
+    text = yaml.safe_dump(value, default_flow_style=True, default_style=style, allow_unicode=True,
+                          width=float("inf"), sort_keys=False)
+    text = text.strip()
+    if text.endswith("\n..."):  # a bare scalar's document-end marker
+        text = text[: -len("\n...")].rstrip()
+    return text
+
+
+def default_yaml(config: Any) -> str:
+    """A complete, commented YAML of a config instance: nested sections as mappings, each key
+    followed by ``# description`` where it has one.  ``load_config(type(config), file)`` reads
+    it back to an equal object."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"default_yaml: {config!r} is not a dataclass instance")
+
+    def walk(section: Any, indent: str) -> None:
+        for key, value, description in _section_items(section):
+            comment = f"  # {description}" if description else ""
+            if _is_section(value):
+                lines.append(f"{indent}{format_value(key)}:{comment}")
+                walk(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{format_value(key)}: {format_value(value)}{comment}")
+
+    lines: list[str] = []
+    walk(config, "")
+    return "\n".join(lines) + "\n"

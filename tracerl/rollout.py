@@ -2,6 +2,8 @@
 
 Evaluation, the RL loop and the quickstart's trace page all sample through ``rollout``; the
 continuous-batching engine plugs in behind it (``generate`` here is the exact reference sampler).
+It is a module of its own below ``eval/`` and ``rl/`` (DESIGN.md first placed it in ``rl/``) so
+that evaluation, which RL uses for its held-out curve, does not depend on RL.
 
 Seed rule.  A rollout has a *seed key*, a tuple of non-negative ints (eval: ``(seed,)``; an RL
 step: ``(seed, step)``).  Sample ``s`` of problem ``i`` (``i`` = its index in the ``problems`` list
