@@ -12,7 +12,7 @@ import torch
 from tiny_models import scrambled
 from tracerl import masks
 from tracerl.errors import ConfigError
-from tracerl.generation import STRATEGIES, SamplingConfig, generate
+from tracerl.generation import STRATEGIES, SamplingConfig, derive_seed, generate
 from tracerl.generation.sampling import draw, sampling_distribution
 from tracerl.generation.unmasking import select, step_quota
 
@@ -264,6 +264,131 @@ def test_temperature_sampling_follows_the_distribution():
     assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
     again = draw(logits, temperature=1.0, top_k=0, top_p=1.0, banned_ids=None, generator=torch.Generator().manual_seed(0))
     assert torch.equal(d.tokens, again.tokens)
+
+
+# -- per-request random streams -------------------------------------------------------------
+
+RANDOMIZED = {
+    "sampled-static": dict(temperature=1.0),
+    "random-rule": dict(strategy="random"),
+    "sampled-random-rule": dict(strategy="random", temperature=1.0, steps=2),
+    "sampled-dynamic": dict(strategy="dynamic", threshold=0.5, temperature=1.0),
+    # Rows stop in different blocks, so they stop drawing at different forwards.
+    "sampled-with-stops": dict(temperature=1.0, stop_token_ids=tuple(range(100, 140))),
+}
+STREAM_SEEDS = [11, 2**63 + 5, 0, 987654321, 42]
+
+
+def traces(gens):
+    return [g.to_dict() for g in gens]
+
+
+def stream_prompts(model):
+    return prompts_for(model) + [model.tokenizer.encode("Hi there, friend")]  # lengths 5, 1, 19, 12, 16
+
+
+@pytest.mark.parametrize("name", ["block", "full", "shifted"])
+@pytest.mark.parametrize("variant", RANDOMIZED)
+def test_sampled_row_does_not_depend_on_its_batch(name, variant, block_model, shifted_model, full_model):
+    """A request's output is a function of (model, prompt, seed, config): alone, in a batch of
+    prompts of other lengths, and in any order of that batch, token for token and step for step."""
+    model = {"block": block_model, "shifted": shifted_model, "full": full_model}[name]
+    config = SamplingConfig(**{"max_new_tokens": 15, "stop_token_ids": (), **RANDOMIZED[variant]})
+    prompts = stream_prompts(model)[: len(STREAM_SEEDS)]
+    alone = [generate(model, [p], config, seeds=[s])[0] for p, s in zip(prompts, STREAM_SEEDS)]
+    for order in (range(len(prompts)), [3, 0, 4, 2, 1], [2, 4]):
+        got = generate(model, [prompts[i] for i in order], config, seeds=[STREAM_SEEDS[i] for i in order])
+        assert traces(got) == traces([alone[i] for i in order]), order
+    assert len({tuple(g.response_ids) for g in alone}) == len(alone)  # not a degenerate output
+    if variant == "sampled-with-stops":
+        assert {g.finish_reason for g in alone} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("variant", ["sampled-static", "random-rule"])
+def test_different_seeds_give_different_samples(variant, block_model):
+    config = SamplingConfig(max_new_tokens=12, stop_token_ids=(), **RANDOMIZED[variant])
+    prompt = prompts_for(block_model)[2]
+    same_prompt = generate(block_model, [prompt] * 4, config, seeds=[1, 2, 3, 4])
+    assert len({(tuple(g.response_ids), tuple(g.step_map)) for g in same_prompt}) > 1
+    prompts = prompts_for(block_model)
+    a = generate(block_model, prompts, config, seeds=[1, 2, 3, 4])
+    b = generate(block_model, prompts, config, seeds=[5, 6, 7, 8])
+    assert traces(a) != traces(b)
+    assert traces(a) == traces(generate(block_model, prompts, config, seeds=[1, 2, 3, 4]))  # reproducible
+
+
+def test_base_seed_means_derived_seed_per_position(block_model):
+    prompts = prompts_for(block_model)
+    config = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=7, stop_token_ids=())
+    by_config = generate(block_model, prompts, config)
+    explicit = generate(block_model, prompts, config, seeds=[derive_seed(7, i) for i in range(len(prompts))])
+    assert traces(by_config) == traces(explicit)
+    repeated = generate(block_model, [prompts[0]] * 4, config)  # position i: its own stream
+    assert len({tuple(g.response_ids) for g in repeated}) > 1
+
+
+def test_greedy_ignores_seeds(block_model):
+    prompts = prompts_for(block_model)
+    config = SamplingConfig(max_new_tokens=12, stop_token_ids=())
+    ref = generate(block_model, prompts, config)
+    assert traces(ref) == traces(generate(block_model, prompts, config, seeds=[9, 8, 7, 6]))
+    assert traces(ref) == traces(generate(block_model, prompts, SamplingConfig(**{**config.to_dict(), "seed": 3})))
+
+
+@pytest.mark.parametrize("seeds", [[1, 2, 3], [1, 2, 3, 4, 5], [1, 2, -3, 4], [1, 2.0, 3, 4], [1, True, 3, 4],
+                                   [1, "2", 3, 4], [1, 2, 3, 2**64], 5, "1234"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_bad_seeds_name_the_option(seeds, temperature, block_model):
+    config = SamplingConfig(max_new_tokens=4, temperature=temperature)
+    with pytest.raises(ConfigError, match="seeds") as err:
+        generate(block_model, prompts_for(block_model), config, seeds=seeds)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "3"])
+def test_bad_config_seed(seed):
+    with pytest.raises(ConfigError, match="seed"):
+        SamplingConfig(seed=seed)
+
+
+def test_derive_seed_is_stable_and_separates_keys():
+    assert derive_seed(1, 2, 3) == 6520558355739401531  # blake2b-64 of the 8-byte LE keys, >> 1
+    keys = [(0,), (1,), (0, 0), (1, 2), (2, 1), (1, 2, 0), (1, 2, 3), (2**64 - 1,), (7, 0), (7, 1)]
+    seeds = [derive_seed(*k) for k in keys]
+    assert len(set(seeds)) == len(keys)
+    assert all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
+    for bad in (-1, 1.5, True, "3", None, 2**64):
+        with pytest.raises(ConfigError, match="derive_seed") as err:
+            derive_seed(4, bad)
+        assert repr(bad) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError):
+        derive_seed()
+
+
+def test_per_row_generators_in_draw_and_select():
+    """Row r draws (tokens, then the random rule's noise) from generators[r] only, exactly as that
+    row alone would; None rows draw nothing; the per-row draw follows the sampling distribution."""
+    logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))[None, None].expand(3, 3000, 3)
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, banned_ids=None)
+    masked = torch.ones(3, 3000, dtype=torch.bool)
+    masked[1] = False
+    quota = torch.tensor([5, 0, 5])
+
+    def step(rows, seeds):
+        gens = [None if s is None else torch.Generator().manual_seed(s) for s in seeds]
+        d = draw(logits[rows], **kw, generator=gens)
+        chosen = select("random", d, masked[rows], quota[rows], threshold=0.5, eb_threshold=0.5, generator=gens)
+        return d.tokens, chosen, gens
+
+    tokens, chosen, gens = step([0, 1, 2], [1, 2, 3])
+    for r in (0, 2):
+        alone_tokens, alone_chosen, _ = step([r], [r + 1])
+        assert torch.equal(tokens[r], alone_tokens[0]) and torch.equal(chosen[r], alone_chosen[0])
+        freq = torch.bincount(tokens[r], minlength=3).float() / 3000
+        assert torch.allclose(freq, torch.tensor([0.6, 0.3, 0.1]), atol=0.03)
+    assert chosen.sum(-1).tolist() == [5, 0, 5]
+    tokens_none, _, _ = step([0, 1, 2], [1, None, 3])
+    assert torch.equal(tokens_none[[0, 2]], tokens[[0, 2]])  # a row without a generator changes no one
 
 
 # -- bad input ------------------------------------------------------------------------------

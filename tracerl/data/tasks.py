@@ -44,17 +44,17 @@ class Problem:
 
 @dataclass
 class TaskConfig:
-    source: str = "gym"
+    source: str = "gym"  # gym (reasoning-gym generator) | jsonl | datasets | humaneval
     name: str = "chain_sum"  # gym generator name, or the file path for jsonl / datasets
     split: str = "eval"  # gym: "train" or "eval" (disjoint)
     size: int = 64  # gym: number of problems; jsonl/datasets/humaneval: at most this many (0 = all)
     skip: int = 0  # drop the first N problems (e.g. the ones SFT trained on: validate on unseen ones)
-    seed: int = 0
+    seed: int = 0  # gym: generator seed (with split, decides the problems)
     params: dict = field(default_factory=dict)  # gym generator options, e.g. {max_terms: 2}
     kind: str | None = None  # jsonl/datasets: "math" | "code" (None: from the fields present)
-    question_field: str = "question"
-    answer_field: str = "ground_truth_answer"
-    skip_bad_rows: bool = False
+    question_field: str = "question"  # jsonl/datasets: the field holding the question
+    answer_field: str = "ground_truth_answer"  # jsonl/datasets: the field holding the gold answer
+    skip_bad_rows: bool = False  # jsonl: skip malformed rows (reported) instead of stopping
     template: str = "auto"  # see data/templates.py
     chat: bool = True  # use the tokenizer's chat template when it has one
 

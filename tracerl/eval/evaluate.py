@@ -21,7 +21,7 @@ class EvalConfig:
     n: int = 1  # samples per problem
     k: list[int] = field(default_factory=lambda: [1])  # pass@k values to report (k <= n)
     batch_size: int = 16  # sequences per generate() call (never changes a sample)
-    output_dir: str = "runs/eval"
+    output_dir: str = "runs/eval"  # samples.jsonl (with step maps) and summary.json
     device: str = "cpu"  # cpu, cuda, cuda:N, mps
     seed: int = 0  # base seed when sampling.seed is unset
     code_workers: int = 2  # code rewards: programs run in parallel

@@ -2,5 +2,6 @@
 
 from tracerl.generation.config import STRATEGIES, SamplingConfig
 from tracerl.generation.sampler import Generation, GenerationStats, generate
+from tracerl.generation.seeds import derive_seed
 
-__all__ = ["STRATEGIES", "Generation", "GenerationStats", "SamplingConfig", "generate"]
+__all__ = ["STRATEGIES", "Generation", "GenerationStats", "SamplingConfig", "derive_seed", "generate"]

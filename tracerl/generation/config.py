@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from tracerl.errors import ConfigError
+from tracerl.generation.seeds import check_seed_value
 
 STRATEGIES = ("static", "dynamic", "sequential", "entropy_bounded", "random", "margin")
 # Approximate caches for full attention (Fast-dLLM, arXiv 2505.22618): "prefix" recomputes the
@@ -15,20 +16,22 @@ FULL_CACHE_MODES = ("none", "prefix", "dual")
 
 @dataclass
 class SamplingConfig:
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # response tokens at most (whole blocks are denoised)
     block_size: int | None = None  # None: the model's own block size
     steps: int | None = None  # denoising forwards per block at most; None: one token per step
-    strategy: str = "static"
+    strategy: str = "static"  # unmasking rule: static, dynamic, sequential, entropy_bounded, random, margin
     threshold: float = 0.9  # dynamic: commit every masked token whose confidence exceeds this
     eb_threshold: float = 0.35  # entropy_bounded: entropy budget per step (EB-sampler's gamma)
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's eos (+ <|im_end|>)
-    use_cache: bool = True
+    use_cache: bool = True  # exact block KV cache (block attention); off = the uncached reference
     full_cache: str = "none"  # full-attention models: none | prefix | dual
-    seed: int | None = None
-    return_logprobs: bool = False
+    # Request i of a generate() call without explicit `seeds=` uses derive_seed(seed, i); pass
+    # `seeds=` for identities that do not depend on the call.  Greedy decoding ignores it.
+    seed: int | None = None  # base seed of the per-request random streams (None: fresh random seeds)
+    return_logprobs: bool = False  # also return each token's sampled log-prob and confidence
 
     def __post_init__(self) -> None:
         self.validate()
@@ -57,6 +60,8 @@ class SamplingConfig:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.full_cache not in FULL_CACHE_MODES:
             raise bad("full_cache", f"unknown {self.full_cache!r}; valid: {', '.join(FULL_CACHE_MODES)}")
+        if self.seed is not None:
+            self.seed = check_seed_value(self.seed, "seed")
         if self.stop_token_ids is not None:
             self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 

@@ -14,10 +14,20 @@ Trace.  Each row counts its own denoising forwards (a forward counts for a row o
 still had masked positions in the block).  A token unmasked in the row's n-th forward gets step
 ``n`` in the step map (1-based, global across blocks), so step maps and ``nfe`` do not depend on
 what else is in the batch.
+
+Random streams.  Sampling (temperature > 0) and the ``random`` rule draw from one
+``torch.Generator`` per row, seeded with the row's seed (see ``generate``).  Row r draws only on
+forwards in which it is active (still has masked positions in the current block), in the order
+of its own forwards: each such forward draws b*V Exp(1) variates for the row's tokens
+(temperature > 0: an exponential race on its (b, V) sampling distribution, the algorithm of
+``torch.multinomial``; ``sampling._sample_per_row``), then b U[0, 1) variates for the ``random``
+rule.  A row's output is therefore a function of the model, its prompt, its seed and the config
+only, whatever shares its batch.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +37,7 @@ from tracerl.errors import ConfigError
 from tracerl.generation.config import SamplingConfig
 from tracerl.generation.decoders import make_decoder
 from tracerl.generation.sampling import draw
+from tracerl.generation.seeds import check_seed_value, derive_seed
 from tracerl.generation.unmasking import select, step_quota
 from tracerl.models.model import DiffusionLM
 
@@ -136,18 +147,44 @@ def _check_prompts(prompts: list[list[int]], model: DiffusionLM) -> None:
             raise ConfigError(f"prompt {i}: token id {bad[0]} outside the vocabulary (0..{vocab - 1})")
 
 
+def _row_seeds(seeds: list[int] | None, base: int | None, n: int) -> list[int]:
+    """One seed per prompt (the rule is in ``generate``'s docstring)."""
+    if seeds is None:
+        if base is None:
+            return [secrets.randbits(63) for _ in range(n)]
+        return [derive_seed(base, i) for i in range(n)]
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__"):
+        raise ConfigError(f"seeds: must be a list of {n} integers (one per prompt), got {seeds!r}")
+    if len(seeds) != n:
+        raise ConfigError(f"seeds: {len(seeds)} seeds for {n} prompts; pass one seed per prompt")
+    return [check_seed_value(v, f"seeds[{i}]") for i, v in enumerate(seeds)]
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionLM,
     prompts: list[list[int]],
     config: SamplingConfig | None = None,
     *,
+    seeds: list[int] | None = None,
     stats: GenerationStats | None = None,
 ) -> list[Generation]:
-    """Decode a batch of tokenized prompts; returns one ``Generation`` per prompt, in order."""
+    """Decode a batch of tokenized prompts; returns one ``Generation`` per prompt, in order.
+
+    Seeds.  Prompt i gets its own random stream, a ``torch.Generator`` seeded with its seed:
+    ``seeds[i]`` if ``seeds`` is given (one integer in [0, 2**64) per prompt); else
+    ``derive_seed(config.seed, i)`` if ``config.seed`` is set; else a fresh random seed
+    (nondeterministic).  A response depends only on the model, its prompt, its seed and
+    ``config``, never on the other prompts of the call or its position among them; pass
+    ``seeds=`` for request identities that do not depend on the call.  Greedy decoding
+    (temperature 0, any rule but ``random``) draws nothing and ignores the seeds.
+    """
     config = config or SamplingConfig()
     config.validate()
     _check_prompts(prompts, model)
+    randomized = config.temperature > 0 or config.strategy == "random"
+    if seeds is not None or randomized:
+        seeds = _row_seeds(seeds, config.seed, len(prompts))
     t_start = time.perf_counter()
     device = model.device
     b = config.block_size or model.block_size
@@ -159,10 +196,11 @@ def generate(
         dtype=torch.long, device=device,
     )
     banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=device)
-    generator = None
-    if config.seed is not None or config.temperature > 0 or config.strategy == "random":
-        generator = torch.Generator(device=device)
-        generator.manual_seed(config.seed if config.seed is not None else torch.seed())
+    generators = None
+    if randomized:
+        generators = [torch.Generator(device=device) for _ in seeds]
+        for g, seed in zip(generators, seeds):
+            g.manual_seed(seed)
 
     canvas = build_canvas(
         [list(map(int, p)) for p in prompts], b, config.max_new_tokens, mask_id=model.mask_token_id,
@@ -183,11 +221,14 @@ def generate(
         step = torch.zeros(batch, dtype=torch.long, device=device)
         while masked.any():
             active = masked.any(-1)
+            streams = None  # rows draw only on their own forwards
+            if generators is not None:
+                streams = [g if a else None for g, a in zip(generators, active.tolist())]
             d = draw(decoder.logits(s, e), temperature=config.temperature, top_k=config.top_k,
-                     top_p=config.top_p, banned_ids=banned, generator=generator)
+                     top_p=config.top_p, banned_ids=banned, generator=streams)
             chosen = select(
                 config.strategy, d, masked, step_quota(at_start, step, steps),
-                threshold=config.threshold, eb_threshold=config.eb_threshold, generator=generator,
+                threshold=config.threshold, eb_threshold=config.eb_threshold, generator=streams,
             )
             nfe += active.long()
             step += active.long()

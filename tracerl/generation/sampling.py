@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+# One generator for the whole batch, or one per row (None: the row draws nothing).
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
 
 
 @dataclass
@@ -51,16 +55,59 @@ def draw(
     top_k: int,
     top_p: float,
     banned_ids: torch.Tensor | None,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> Draw:
-    """Sample (or take the argmax of) a candidate for every position of ``logits`` (B, b, V)."""
+    """Sample (or take the argmax of) a candidate for every position of ``logits`` (B, b, V).
+
+    ``generator`` is one generator for the whole batch (one ``torch.multinomial`` over all rows),
+    or a sequence of one generator per row, so that row r's draws come from row r's stream only
+    (``_sample_per_row``: same distribution); a row whose entry is None draws nothing and gets a
+    placeholder candidate (its argmax) that the caller must not use.
+    """
     if banned_ids is not None and banned_ids.numel():
         logits = logits.index_fill(-1, banned_ids, float("-inf"))
     probs = sampling_distribution(logits, temperature, top_k, top_p)
     if temperature == 0:
         tokens = probs.argmax(-1)
+    elif is_per_row(generator):
+        tokens = _sample_per_row(probs, generator)
     else:
         flat = probs.reshape(-1, probs.shape[-1])
         tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
     confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return Draw(tokens, confidence, confidence.clamp_min(1e-30).log(), probs)
+
+
+def is_per_row(generator: Generators) -> bool:
+    return generator is not None and not isinstance(generator, torch.Generator)
+
+
+def _drawing_rows(generators: Sequence[torch.Generator | None], rows: int) -> list[int]:
+    if len(generators) != rows:
+        raise ValueError(f"{len(generators)} generators for {rows} rows")
+    return [r for r, g in enumerate(generators) if g is not None]
+
+
+def per_row_uniform(shape: torch.Size | tuple[int, ...], generators: Sequence[torch.Generator | None],
+                    device: torch.device) -> torch.Tensor:
+    """U[0, 1) noise of ``shape`` (B, ...): row r is filled by one ``uniform_`` call on
+    ``generators[r]``; rows whose generator is None are 0 and consume nothing."""
+    noise = torch.zeros(shape, device=device)
+    for r in _drawing_rows(generators, shape[0]):
+        noise[r].uniform_(generator=generators[r])
+    return noise
+
+
+def _sample_per_row(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per position of ``probs`` (B, b, V); row r's tokens use ``generators[r]`` only.
+
+    Exponential race: token = argmax_v p_v / E_v with E_v iid Exp(1), which picks v with
+    probability p_v / sum(p), exactly.  It is the algorithm ``torch.multinomial`` itself runs for
+    one sample per distribution (with torch 2.13 row r's tokens equal ``torch.multinomial(probs[r],
+    1, generator=generators[r])``); only the b*V exponentials are drawn per row, the division and
+    argmax are vectorised over the batch.  Rows without a generator keep E = 1: their argmax.
+    """
+    race = torch.ones_like(probs)
+    for r in _drawing_rows(generators, probs.shape[0]):
+        race[r].exponential_(1.0, generator=generators[r])
+    return (probs / race).argmax(-1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tracerl.generation.sampling import Draw
+from tracerl.generation.sampling import Draw, Generators, is_per_row, per_row_uniform
 
 
 def step_quota(masked_at_start: torch.Tensor, step: torch.Tensor, steps: int) -> torch.Tensor:
@@ -54,8 +54,10 @@ def select(
     *,
     threshold: float,
     eb_threshold: float,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> torch.Tensor:
+    """The positions to commit.  ``generator`` feeds the ``random`` rule: one generator for the
+    batch, or one per row (row r's noise from row r's generator; None: the row draws nothing)."""
     quota = torch.minimum(quota, masked.sum(-1))
     if strategy == "static":
         return _top_by_score(draw.confidence, masked, quota)
@@ -67,7 +69,10 @@ def select(
         order = masked.long().cumsum(-1)  # 1-based rank among masked positions, left to right
         return masked & (order <= quota[:, None])
     if strategy == "random":
-        noise = torch.rand(masked.shape, generator=generator, device=masked.device)
+        if is_per_row(generator):
+            noise = per_row_uniform(masked.shape, generator, masked.device)
+        else:
+            noise = torch.rand(masked.shape, generator=generator, device=masked.device)
         return _top_by_score(noise, masked, quota)
     if strategy == "margin":
         top2 = torch.topk(draw.probs, 2, dim=-1).values

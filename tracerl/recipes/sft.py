@@ -34,13 +34,13 @@ from tracerl.train.sft import (
 
 @dataclass
 class SFTConfig:
-    model: str = "tiny-block"
-    output_dir: str = "runs/sft"
-    max_steps: int = 100
+    model: str = "tiny-block"  # preset name or checkpoint folder
+    output_dir: str = "runs/sft"  # checkpoints/, metrics.jsonl, config.json, summary.json
+    max_steps: int = 100  # optimizer steps
     save_every: int = 0  # 0: only the final checkpoint
-    seed: int = 0
-    resume: bool = False
-    device: str = "cpu"
+    seed: int = 0  # data order, masks, initialisation of new weights
+    resume: bool = False  # continue the latest checkpoint in output_dir
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     objective: SFTObjectiveConfig = field(default_factory=SFTObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

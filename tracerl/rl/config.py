@@ -49,7 +49,7 @@ class ValueConfig:
 @dataclass
 class RLConfig:
     model: str = "tiny-block"  # preset name or checkpoint folder (the policy's start)
-    output_dir: str = "runs/rl"
+    output_dir: str = "runs/rl"  # checkpoints/ (policy and value-model folders), metrics.jsonl, summary.json
     max_steps: int = 20  # RL steps
     save_every: int = 0  # checkpoint every N steps (0: only the final one)
     seed: int = 0  # run seed: rollout problems, masks, base sampling seed

@@ -50,12 +50,12 @@ RESUME_MAY_CHANGE = ("resume", "output_dir", "model", "device", "max_steps", "sa
 class LoopConfig:
     micro_batch: int = 4  # examples per forward/backward
     accumulation: int = 1  # micro-batches per optimizer step (effective batch = micro x accum x world)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
     mixed_precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     keep_last: int = 0  # checkpoints to keep (0 = all)
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "tracerl"
+    tensorboard: bool = True  # also write TensorBoard events (where installed)
+    wandb: bool = False  # also log to Weights & Biases (where installed)
+    wandb_project: str = "tracerl"  # W&B project name
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.accumulation < 1:

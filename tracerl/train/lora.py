@@ -28,11 +28,11 @@ _WRAPPERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    enabled: bool = False  # train LoRA adapters instead of all weights (peft)
+    r: int = 8  # adapter rank
+    alpha: int = 16  # adapter scale numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # modules that get adapters
     merge_on_save: bool = True  # final export: merged HF weights (True) or the adapter alone
 
     def __post_init__(self) -> None:

@@ -17,12 +17,12 @@ class TrainingDiverged(TracerlError):
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
     schedule: str = "constant"  # constant | cosine | linear
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
     min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
 

@@ -30,7 +30,7 @@ class SFTDataConfig:
     task: TaskConfig = field(default_factory=lambda: TaskConfig(split="train", size=1000))
     file: str | None = None  # JSONL of {prompt, response[, step_map]} or {prompt_ids, response_ids[, step_map]}
     response_format: str = "{answer}"  # the supervised response of a task problem
-    append_eos: bool = True
+    append_eos: bool = True  # end every response with the EOS token (the model learns to stop)
     # Fill the rest of the last block after the EOS with EOS targets (not for ``ar``). The sampler
     # denoises whole blocks, so the model must learn what follows the stop token; trained on rows
     # that end at the EOS it never sees those positions and fills them (and the answer) with
@@ -42,8 +42,8 @@ class SFTDataConfig:
 @dataclass
 class SFTObjectiveConfig:
     method: str = "auto"  # auto (by family) | block | trace | random_masking | semi_ar | ar
-    noise_low: float = 0.1
-    noise_high: float = 0.9
+    noise_low: float = 0.1  # mask level drawn from U(noise_low, noise_high)
+    noise_high: float = 0.9  # upper end of the mask level
     complementary: bool = False  # random_masking: also train the complementary mask
     shrink: int = 1  # trace: merge this many consecutive steps
     block_size: int | None = None  # None: the model's block size
