@@ -78,7 +78,7 @@ def load_problems(config: TaskConfig) -> list[Problem]:
     if config.skip:
         # The first `size + skip` problems minus the first `skip`.  Files keep their order, and a
         # gym item depends only on its seed and index, so the skipped ones are the problems a
-        # `size: skip` task of the same config holds (tests/test_config_and_data.py checks it).
+        # `size: skip` task of the same config holds (tests/unit/data/test_config_and_data.py checks it).
         problems = load_problems(replace(config, skip=0, size=config.size + config.skip if config.size else 0))
         if len(problems) <= config.skip:
             raise DataError(f"task {config.source}:{config.name}: task.skip={config.skip} leaves no problems "

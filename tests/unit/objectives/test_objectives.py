@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_models import scrambled
+from tests.support.tiny_models import scrambled
 from tracerl import masks
 from tracerl.errors import ConfigError
 from tracerl.generation import SamplingConfig, generate

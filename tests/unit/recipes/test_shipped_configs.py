@@ -1,15 +1,15 @@
 """Every shipped YAML preset parses against its schema (typos in presets fail here, not on a GPU)."""
 
-from pathlib import Path
 
 import pytest
 
+from tests.support import REPO
 from tracerl.config import load_config
 from tracerl.eval import EvalConfig
 from tracerl.rl import RLConfig
 from tracerl.recipes.sft import SFTConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SCHEMAS = {"sft": SFTConfig, "eval": EvalConfig, "rl": RLConfig}
 
 

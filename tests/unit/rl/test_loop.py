@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from crash import kill_after_checkpoint
+from tests.support.crash import kill_after_checkpoint
 from safetensors.torch import load_file
 
 from tracerl.config import load_config

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from crash import kill_after_checkpoint
+from tests.support import REPO
+from tests.support.crash import kill_after_checkpoint
 from safetensors.torch import load_file
 
 from tracerl.config import load_config
@@ -32,7 +33,6 @@ from tracerl.train.schedule import lr_factor
 from tracerl.recipes.sft import SFTConfig, run_sft
 from tracerl.train.sft import EpochSampler, build_examples, method_options, sft_step
 
-REPO = Path(__file__).resolve().parents[1]
 ADD = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
        "allow_parentheses": False, "allow_negation": False}
 WALL_TIME_KEYS = {"seconds", "tokens_per_s"}

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tiny_models import scrambled
+from tests.support.tiny_models import scrambled
 from tracerl import masks
 from tracerl.errors import ConfigError
 from tracerl.generation import STRATEGIES, SamplingConfig, derive_seed, generate

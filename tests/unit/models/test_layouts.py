@@ -2,7 +2,7 @@
 independent references, round trips through our own format, load errors, and the convert CLI.
 
 The checkpoints are tiny random-weight copies of the upstream layouts written by
-``tests/foreign_checkpoints.py``; each is written once per module and copied before a test
+``tests/support/foreign_checkpoints.py``; each is written once per module and copied before a test
 modifies it.
 """
 
@@ -27,8 +27,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from foreign_checkpoints import (  # noqa: E402
+from tests.support.foreign_checkpoints import (
     HEADS,
     HIDDEN,
     INTERMEDIATE,

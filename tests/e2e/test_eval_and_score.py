@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from tests.support import REPO
+
+CONFIGS = REPO / "configs"
 
 
 def cli(*args, timeout=600):

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_methods.py"
+from tests.support import REPO
+
+SCRIPT = REPO / "benchmarks" / "compare_methods.py"
 
 
 def _compare(out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
