@@ -36,7 +36,7 @@ def load_plugins(entries: Iterable[str], key: str = "plugins") -> list[str]:
             name = entry
             try:
                 importlib.import_module(entry)
-            except ImportError as e:
-                raise ConfigError(f"{key}: cannot import {entry!r}: {e}") from None
+            except Exception as e:  # not found, or the module itself failed
+                raise ConfigError(f"{key}: cannot import {entry!r}: {type(e).__name__}: {e}") from None
         names.append(name)
     return names

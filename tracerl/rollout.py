@@ -9,13 +9,16 @@ Seed rule.  A rollout has a *seed key*, a tuple of non-negative ints (eval: ``(s
 step: ``(seed, step)``).  Sample ``s`` of problem ``i`` (``i`` = its index in the ``problems`` list
 of the call) draws all its randomness from its own generator, seeded with
 ``derive_seed(*key, i, s)``.  A sample therefore never depends on ``batch_size``, on which other
-requests shared its forward passes, or on their order.  The base seed of a run is
+requests shared its forward passes, or on their order (exactly so wherever the model's forward
+gives a row the same numbers at any batch size, as fp32 on CPU does; bf16 kernels on a GPU may
+differ in the last bits between batch shapes).  The base seed of a run is
 ``sampling.seed`` when set, else the run's ``seed`` (``base_seed``): a sampling seed of 0 is a
 seed, not "unset".
 """
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +45,8 @@ class Sample:
 class RolloutResult:
     samples: list[Sample]  # problem-major: problem 0's samples first, each in sample order
     reward_errors: list[str]  # one line per sample whose reward function raised (scored 0)
-    stats: GenerationStats
+    stats: GenerationStats  # generation only (seconds, forwards, tokens)
+    reward_seconds: float = 0.0  # time spent scoring
 
 
 def base_seed(sampling: SamplingConfig, run_seed: int) -> int:
@@ -78,25 +82,30 @@ def rollout(
     stats = GenerationStats()
     samples: list[Sample] = []
     errors: list[str] = []
+    reward_seconds = 0.0
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         gens = generate(model, [prompts[i] for i, _ in chunk], sampling,
                         seeds=[derive_seed(*seed_key, i, s) for i, s in chunk], stats=stats)
         # Rewards read the text without special tokens (eos, im_end, padding).
         texts = [model.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
+        t0 = time.perf_counter()
         scores, chunk_errors = safe_scores([problems[i] for i, _ in chunk], texts, reward_workers,
                                            fail_on_reward_error)
+        reward_seconds += time.perf_counter() - t0
         errors += chunk_errors
         samples += [Sample(i, s, problems[i], g, t, sc) for (i, s), g, t, sc in zip(chunk, gens, texts, scores)]
         if progress is not None:
             progress(len(chunk))
-    return RolloutResult(samples, errors, stats)
+    return RolloutResult(samples, errors, stats, reward_seconds)
 
 
 def safe_scores(problems: Sequence[Problem], texts: Sequence[str], workers: int,
                 fail: bool) -> tuple[list[Score], list[str]]:
     """Score; with ``fail`` False a reward function that raises gives 0 for that sample and a
     report naming it (problem id, exception, start of the response)."""
+    if fail:
+        return score_batch(list(problems), list(texts), workers=workers), []
     try:
         return score_batch(list(problems), list(texts), workers=workers), []
     except Exception:
@@ -106,8 +115,6 @@ def safe_scores(problems: Sequence[Problem], texts: Sequence[str], workers: int,
         try:
             scores.append(score_batch([p], [t], workers=1)[0])
         except Exception as e:
-            if fail:
-                raise
             errors.append(f"problem {p.id}: {type(e).__name__}: {e} (response {t[:80]!r})")
             scores.append(Score(0.0, False, None, {"error": traceback.format_exc(limit=2)}))
     return scores, errors

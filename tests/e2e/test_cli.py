@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -196,7 +197,7 @@ def test_generate_help_shows_the_dataclass_defaults():
     out = run_cli("generate", "--help")
     assert out.returncode == 0, out.stderr
     text = flat(out.stdout)
-    assert "--max-new-tokens INT (default: 128)" in text and SamplingConfig().max_new_tokens == 128
+    assert re.search(r"--max-new-tokens INT [^-]*\(default: 128\)", text) and SamplingConfig().max_new_tokens == 128
     assert "--eb-threshold FLOAT entropy_bounded: entropy budget" in text and "(default: 0.35)" in text
     assert "--use-cache, --no-use-cache" in text and "--no-cache" in text and "--stop-token-ids [INT ...]" in text
     assert "--return-logprobs" not in text and "--logprobs" in text
@@ -230,8 +231,9 @@ def test_config_rl_loads_back_with_every_algorithm(tmp_path):
     path = tmp_path / "rl.yaml"
     path.write_text(out.stdout)
     config = load_config(RLConfig, path)
-    assert set(config.policy.options) == set(algorithm_names())
-    for name in algorithm_names():  # every section is valid for its algorithm
+    # The subprocess knows the built-in algorithms (this process may hold test plug-ins too).
+    assert set(config.policy.options) == {"tracerl", "random_masking", "coupled"} <= set(algorithm_names())
+    for name in config.policy.options:  # every section is valid for its algorithm
         config = load_config(RLConfig, path, [f"policy.method={name}"])
         assert make_algorithm(config.policy).name == name
     assert "  eps: 0.2  # PPO clip range" in out.stdout.splitlines()

@@ -34,6 +34,8 @@ class EvalConfig:
             raise ConfigError(f"k: pass@{bad[0]} needs 1 <= k <= n = {self.n}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig, periodic_eval
-from tracerl.recipes.rl import run_rl
+from tracerl.recipes.rl import check_rl_config, run_rl
 from tracerl.recipes.sft import SFTConfig, run_sft
 from tracerl.rl.config import RLConfig
 
@@ -32,8 +32,8 @@ RECIPE = Path(__file__).parent / "quickstart.yaml"
 
 @dataclass
 class QuickstartConfig:
-    output_dir: str = "runs/quickstart"
-    seed: int = 0
+    output_dir: str = "runs/quickstart"  # sft/, rl/, plots/, traces.html, summary.json
+    seed: int = 0  # one seed for SFT, RL and the evaluations
     traces: int = 4  # solved held-out problems on the trace page
     task: dict = field(default_factory=dict)  # YAML anchor holder (the sections below use it)
     heldout: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
@@ -50,6 +50,8 @@ def load_quickstart_config(path: str | Path | None = None, overrides: list[str] 
 def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
     """Wire the phases together: one seed, one held-out set (the RL model is the SFT run's final
     checkpoint, known once SFT has stopped)."""
+    if config.seed < 0:
+        raise ConfigError(f"seed: must be >= 0, got {config.seed}")
     out = Path(config.output_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output_dir {out} is not empty; choose another --out (a quickstart starts fresh)")
@@ -60,6 +62,7 @@ def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
     rl.output_dir, rl.seed, rl.resume = str(out / "rl"), config.seed, False
     rl.eval = replace(config.heldout, every=rl.eval.every)  # RL evaluates on the held-out set
     validation = (sft.eval.task.split,) if sft.eval.every else ()
+    check_rl_config(rl)  # a bad RL key fails now, not after minutes of SFT
     if config.heldout.task.split in (rl.task.split, sft.data.task.split, *validation):
         raise ConfigError("heldout.task.split must differ from the training and SFT validation splits "
                           "(held-out means unseen, and never used to pick a checkpoint)")
@@ -96,7 +99,7 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
     rl_model = load_model(rl_summary["final_checkpoint"], device=rl_config.device)
     after = periodic_eval(rl_model, config.heldout, config.seed)
     plots = write_plots(out / "plots", Path(rl_config.output_dir) / "metrics.jsonl", before)
-    traces = write_solved_traces(out / "traces.html", rl_model, config.heldout, config.traces)
+    traces = write_solved_traces(out / "traces.html", rl_model, config.heldout, config.traces, config.seed)
 
     summary = {
         "task": f"{config.heldout.task.source}:{config.heldout.task.name}",
@@ -143,19 +146,19 @@ def write_plots(folder: Path, metrics_file: Path, before: dict) -> list[Path]:
     ]
 
 
-def write_solved_traces(path: Path, model, heldout: PeriodicEvalConfig, count: int) -> Path | None:
+def write_solved_traces(path: Path, model, heldout: PeriodicEvalConfig, count: int, seed: int = 0) -> Path | None:
     """A trace page of up to ``count`` held-out problems the model solves (greedy)."""
     from tracerl.data.tasks import load_problems
     from tracerl.generation import SamplingConfig
     from tracerl.report.trace_page import write_trace_html
-    from tracerl.rollout import prompts_for, rollout
+    from tracerl.rollout import base_seed, prompts_for, rollout
 
     if count <= 0:
         return None
     problems = load_problems(heldout.task)
     sampling = SamplingConfig(**{**heldout.sampling.to_dict(), "return_logprobs": True})
     result = rollout(model, problems, prompts_for(model.tokenizer, problems, heldout.task), sampling,
-                     seed_key=(0,), batch_size=max(1, len(problems)))
+                     seed_key=(base_seed(sampling, seed),), batch_size=max(1, len(problems)))
     solved = [x for x in result.samples if x.score.correct][:count]
     if not solved:
         return None

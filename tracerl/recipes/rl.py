@@ -66,6 +66,8 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
 
     check_rl_config(config)
     problems = load_problems(config.task)
+    if config.eval.every:
+        load_problems(config.eval.task)  # a bad held-out task fails now, not at the first eval
     if len(problems) < config.rollout.num_prompts:
         raise ConfigError(f"task: {len(problems)} problems, fewer than rollout.num_prompts="
                           f"{config.rollout.num_prompts}")
@@ -76,7 +78,7 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
                       save_every=config.save_every, seed=config.seed, optim=config.optim, loop=config.loop,
                       run_config=asdict(config))
-    setup_models(config, algorithm, run)
+    setup_models(config, run)
     if config.resume:
         run.resume()
     else:

@@ -48,6 +48,10 @@ class SFTConfig:
     lora: lora.LoraConfig = field(default_factory=lora.LoraConfig)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+
 
 def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     from rich.console import Console

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tracerl.data.tasks import TaskConfig
+from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig
 from tracerl.generation import SamplingConfig
 from tracerl.train.loop import LoopConfig
@@ -64,3 +65,7 @@ class RLConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # micro_batch = responses per micro-batch
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     fail_on_reward_error: bool = False  # a reward function that raises: 0 reward, reported (or stop)
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:  # seeds are hashed as non-negative ints (generation/seeds.py)
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")

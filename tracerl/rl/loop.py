@@ -59,7 +59,7 @@ class TargetIndex:
                 yield sub, self.positions(sub, piece.cpu())
 
 
-def setup_models(config: RLConfig, algorithm: Algorithm, run: TrainingRun) -> None:
+def setup_models(config: RLConfig, run: TrainingRun) -> None:
     """Give the run the models this config trains besides the policy (call before resume)."""
     if config.value.enabled:
         model = run.model
@@ -105,7 +105,8 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
                      batch_size=config.rollout.batch_size, reward_workers=config.loop.micro_batch,
                      fail_on_reward_error=config.fail_on_reward_error)
     gens = [x.generation for x in result.samples]
-    t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    t1 = t2 - result.reward_seconds  # rollout = generation; reward = scoring (inside the rollout)
     rewards = np.array([x.score.reward for x in result.samples], dtype=np.float64)
     correct = np.array([x.score.correct for x in result.samples], dtype=bool)
     adv, keep = algorithm.advantages(rewards, [x.problem_index for x in result.samples], correct)
@@ -116,7 +117,6 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
            "kept_fraction": len(kept) / len(gens), "reward_errors": len(result.reward_errors)}
     if result.reward_errors:
         row["reward_error_examples"] = result.reward_errors[:3]
-    t2 = time.perf_counter()
     if not kept:  # every group filtered out: nothing to learn from this step
         row.update(policy_loss=0.0, time_rollout=t1 - t0, time_reward=t2 - t1, time_value=0.0, time_policy=0.0)
         return row

@@ -151,7 +151,7 @@ class TrainingRun:
                     save: Callable[[Path], None], load: Callable[[Path], None]) -> torch.nn.Module:
         """Train ``params`` of ``module`` with their own optimizer (same step count and schedule
         shape as the policy's), checkpointed in ``checkpoints/NAME-N`` by ``save``/``load``."""
-        if name == "step" or name in self.trained or "-" in name:
+        if name in ("step", "policy") or name in self.trained or "-" in name:
             raise ValueError(f"trained model name {name!r}: taken or invalid")
         self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load)
         return module
@@ -227,6 +227,9 @@ class TrainingRun:
                 raise ConfigError(f"resume: the config differs from checkpoint {path.name}'s in "
                                   f"{'; '.join(changed)}; resume with the checkpoint's values or start a new "
                                   f"output_dir (only {', '.join(RESUME_MAY_CHANGE + may_change)} may change)")
+        if self.trained and not all(n in state.get("optimizers", {}) for n in self.trained):
+            raise ConfigError(f"resume: checkpoint {path.name} has no optimizer state for "
+                              f"{', '.join(self.trained)} (made by an older tracerl?); start a new output_dir")
         for name in self.trained:
             if not self._folder(name, step).is_dir():
                 raise ConfigError(f"resume: {name} model of step {step} missing ({self._folder(name, step)})")

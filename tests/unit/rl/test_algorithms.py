@@ -114,3 +114,28 @@ def test_the_rl_loop_names_no_method():
     builtin = ("tracerl", "random_masking", "coupled")
     found = [m for m in builtin if re.search(rf"\b{m}\b", source)]
     assert found == [], f"rl/loop.py mentions {found}: the loop must be generic over the algorithm"
+
+
+def test_a_masking_subclass_builds_its_parents_rows_and_mask_levels_are_checked_early():
+    from tracerl.models import load_model
+    from tracerl.objectives import Example
+    from tracerl.rl.algorithms.coupled import Coupled
+
+    class WiderCoupled(Coupled):  # a plugin variant of a built-in: inherits its rows
+        name = "test_wider_coupled"
+
+    register_algorithm(WiderCoupled)
+    model = load_model("tiny-block")
+    config = load_config(RLConfig, None, ["policy.method=test_wider_coupled"])
+    algorithm = make_algorithm(config.policy)
+    examples = [Example([65, 66, 67], [70, 71, 72, 73, 74])]
+    rows = algorithm.rows(model, examples, torch.Generator().manual_seed(0), block_size=None, pad_id=None)
+    reference = make_algorithm(load_config(RLConfig, None, ["policy.method=coupled"]).policy).rows(
+        model, examples, torch.Generator().manual_seed(0), block_size=None, pad_id=None)
+    assert torch.equal(rows.input_ids, reference.input_ids) and rows.num_targets == 5  # mask + complement
+    with pytest.raises(ConfigError, match=r"noise_low, noise_high: need 0 < noise_low <= noise_high <= 1"):
+        make_algorithm(load_config(RLConfig, None, ["policy.method=random_masking",
+                                                    "policy.options.random_masking.noise_low=0.95"]).policy)
+    with pytest.raises(ConfigError, match=r"policy\.options\.coupled: noise_high: must be < 1"):
+        make_algorithm(load_config(RLConfig, None, ["policy.method=coupled",
+                                                    "policy.options.coupled.noise_high=1.0"]).policy)

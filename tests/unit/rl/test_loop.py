@@ -154,3 +154,25 @@ def test_bf16_autocast_first_update_is_on_policy_and_value_folders_are_pruned(tm
     assert first["ratio_mean"] == 1.0 and first["kl"] == 0.0
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step-00000003", "value-00000003"]
+
+
+@pytest.mark.slow
+def test_the_frozen_reference_is_the_starting_model_after_resume(tmp_path):
+    """kl_reference=initial: the run owns a frozen copy of the starting weights; a resumed run
+    rebuilds it from the start, not from the checkpoint, so 2 + 1 steps equal 3 straight."""
+    base = TASK + SMALL + ["policy.kl_reference=initial", "policy.beta=0.5", "policy.filter_equal=false",
+                           "save_every=1", "policy.ppo_epochs=2", "eval.every=0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_rl(load_config(RLConfig, None, base + [f"output_dir={straight}", "max_steps=3"]), progress=False)
+    run_rl(load_config(RLConfig, None, base + [f"output_dir={resumed}", "max_steps=2"]), progress=False)
+    run_rl(load_config(RLConfig, None, base + [f"output_dir={resumed}", "max_steps=3", "resume=true"]),
+           progress=False)
+
+    def stable(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds"} for r in rows]
+
+    a, b = stable(read_metrics(straight / "metrics.jsonl")), stable(read_metrics(resumed / "metrics.jsonl"))
+    assert a == b and a[-1]["optimizer_updates"] >= 2
+    wa = load_file(ckpt.checkpoints_dir(straight) / "step-00000003" / "model.safetensors")
+    wb = load_file(ckpt.checkpoints_dir(resumed) / "step-00000003" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

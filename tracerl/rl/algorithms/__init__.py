@@ -18,7 +18,9 @@ def register_algorithm(cls: type[Algorithm]) -> type[Algorithm]:
         raise TypeError("register_algorithm: pass an Algorithm subclass with a non-empty `name`")
     if cls.value_model not in VALUE_MODEL_USES:
         raise TypeError(f"{cls.__name__}.value_model: {cls.value_model!r}; valid: {', '.join(VALUE_MODEL_USES)}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+    old = _REGISTRY.get(cls.name)
+    same = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+    if old is not None and old is not cls and not same:  # `same`: the module was imported again
         raise ValueError(f"RL algorithm {cls.name!r} is already registered ({_REGISTRY[cls.name].__module__})")
     _REGISTRY[cls.name] = cls
     return cls

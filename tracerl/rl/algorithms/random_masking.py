@@ -22,14 +22,18 @@ class MaskingOptions:
     def __post_init__(self) -> None:
         if self.mask_samples < 1:
             raise ConfigError(f"mask_samples: must be >= 1, got {self.mask_samples}")
+        if not 0.0 < self.noise_low <= self.noise_high <= 1.0:
+            raise ConfigError(f"noise_low, noise_high: need 0 < noise_low <= noise_high <= 1, got "
+                              f"{self.noise_low}, {self.noise_high}")
 
 
 @register_algorithm
 class RandomMasking(Algorithm):
     name = "random_masking"
     Options = MaskingOptions
+    coupled = False  # also train each corruption's complement (objectives/rl.py)
 
     def rows(self, model, examples, generator, *, block_size, pad_id):
         o = self.options
-        return rl_rows(self.name, model.spec, examples, generator, block_size=block_size,
+        return rl_rows("coupled" if self.coupled else "random_masking", model.spec, examples, generator, block_size=block_size,
                        mask_samples=o.mask_samples, low=o.noise_low, high=o.noise_high, pad_id=pad_id)
