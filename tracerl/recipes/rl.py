@@ -30,7 +30,7 @@ def check_rl_config(config: RLConfig, model=None) -> Algorithm:
     With ``model``, also the checks that need its attention kind."""
     load_plugins(config.plugins)
     algorithm = make_algorithm(config.policy)
-    p, s = config.policy, config.rollout.sampling
+    p = config.policy
     if p.normalisation not in NORMALISATIONS:
         raise ConfigError(f"policy.normalisation: {p.normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
     if p.kl_reference not in ("rollout", "initial"):
@@ -51,11 +51,17 @@ def check_rl_config(config: RLConfig, model=None) -> Algorithm:
         raise ConfigError("task.split: RL trains on the train split (held-out problems are for eval)")
     check_device(config.device)
     if model is not None:
-        if s.full_cache != "none" and model.spec.attention != "full":
-            raise ConfigError(f"rollout.sampling.full_cache={s.full_cache!r} applies to full-attention models; "
-                              f"this model ({model.spec.family}) uses {model.spec.attention} attention")
-        algorithm.check(config, model)
+        check_rl_model(config, algorithm, model)
     return algorithm
+
+
+def check_rl_model(config: RLConfig, algorithm: Algorithm, model) -> None:
+    """The checks that need the loaded model (its attention kind; the algorithm's own)."""
+    s = config.rollout.sampling
+    if s.full_cache != "none" and model.spec.attention != "full":
+        raise ConfigError(f"rollout.sampling.full_cache={s.full_cache!r} applies to full-attention models; "
+                          f"this model ({model.spec.family}) uses {model.spec.attention} attention")
+    algorithm.check(config, model)
 
 
 def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
@@ -64,7 +70,7 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
 
     from tracerl.models import load_model
 
-    check_rl_config(config)
+    algorithm = check_rl_config(config)
     problems = load_problems(config.task)
     if config.eval.every:
         load_problems(config.eval.task)  # a bad held-out task fails now, not at the first eval
@@ -72,7 +78,7 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
         raise ConfigError(f"task: {len(problems)} problems, fewer than rollout.num_prompts="
                           f"{config.rollout.num_prompts}")
     model = load_model(config.model, device=config.device, block_size=config.rollout.sampling.block_size)
-    algorithm = check_rl_config(config, model)
+    check_rl_model(config, algorithm, model)
     prompts = prompts_for(model.tokenizer, problems, config.task)
 
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
