@@ -9,6 +9,7 @@ import signal
 import sys
 
 from .limits import Limits
+from .view import view_plan
 
 
 # =============================================================================================
@@ -20,15 +21,16 @@ _DEFAULT_HIDDEN = ("/root", "/home", "/run", "/var/tmp", "/dev/shm", "/mnt", "/m
 
 
 def _interpreter(limits):
-    """The interpreter S runs, its arguments, and the paths it needs visible."""
-    base = os.path.realpath(sys.base_prefix)
-    if limits.site_packages:
-        exe = sys.executable
-        keep = [base, os.path.realpath(sys.prefix),
-                os.path.dirname(os.path.realpath(sys.executable))]
-        return exe, ["-I"], _outermost(keep)
-    exe = os.path.realpath(sys.executable)
-    return exe, ["-I", "-S"], _outermost([base, os.path.dirname(exe)])
+    """S's interpreter and arguments, its file system view (:func:`.view.view_plan`), and the
+    paths the fallback view (no ``pivot_root``) must keep visible."""
+    site = limits.site_packages
+    plan = view_plan(tuple(site) if isinstance(site, (list, tuple)) else bool(site))
+    exe = plan["interpreter"]
+    keep = [os.path.realpath(sys.base_prefix), os.path.dirname(os.path.realpath(exe))]
+    if site is True:
+        keep += [os.path.realpath(sys.prefix), os.path.dirname(os.path.realpath(sys.executable))]
+    keep += [os.path.realpath(p) for p in plan["python_path"]]
+    return plan, _outermost(keep)
 
 
 def _outermost(paths):
@@ -47,7 +49,7 @@ def _hidden_paths(limits, keep):
             hide.add(cwd)
     except OSError:
         pass
-    if not limits.site_packages and os.path.realpath(sys.prefix) != os.path.realpath(
+    if limits.site_packages is not True and os.path.realpath(sys.prefix) != os.path.realpath(
             sys.base_prefix):
         hide.add(os.path.realpath(sys.prefix))
     hide.update(os.path.realpath(p) for p in limits.hide_paths)
@@ -87,11 +89,12 @@ def run_job(program, method, tests_payload, time_limit, limits):
     """
     import subprocess
 
-    exe, args, keep = _interpreter(limits)
+    plan, keep = _interpreter(limits)
     lim = dataclasses.asdict(limits)
     lim["hide_paths"] = list(lim["hide_paths"])
     job = {"method": method, "program": program, "time_limit": float(time_limit),
-           "limits": lim, "interpreter": exe, "interpreter_args": args,
+           "limits": lim, "interpreter": plan["interpreter"],
+           "interpreter_args": plan["interpreter_args"], "view": plan,
            "keep_paths": keep, "hide_paths": _hidden_paths(limits, keep)}
     job.update(tests_payload)
     payload = json.dumps(job).encode()
@@ -129,6 +132,10 @@ def run_job(program, method, tests_payload, time_limit, limits):
         return result
     except ValueError:
         tail = err.decode("utf-8", "replace").strip().splitlines()[-3:]
+        if proc.returncode == -signal.SIGXCPU:
+            tail = ["the judge went over its own CPU time limit"] + tail
+        elif proc.returncode == -signal.SIGKILL:
+            tail = ["the judge was killed (out of memory?)"] + tail
         return {"verdicts": [], "protections": {},
                 "infra_error": f"judge failed (status {proc.returncode}): {' | '.join(tail)}"}
 

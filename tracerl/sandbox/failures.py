@@ -25,29 +25,65 @@ class _Abort(BaseException):
 
 _REMOTE_EXC_TYPES = {}
 
+# Exceptions that steer the judge's own control flow: a StopIteration from the program inside
+# ``all(map(...))`` would end the test's iteration early (and pass it).  J receives them as a
+# RuntimeError, as PEP 479 does for generators.
+_CONTROL_FLOW = ("StopIteration", "StopAsyncIteration")
+
+
+def _builtin_bases(payload):
+    """The most specific built-in exception classes among those the program's class derives
+    from (its own class first when it is a built-in)."""
+    names = payload.get("bases")
+    if not isinstance(names, list):
+        names = [payload.get("type")] if payload.get("builtin") is True else []
+    found = []
+    for name in names[:20]:
+        cand = getattr(builtins, str(name), None)
+        if isinstance(cand, type) and issubclass(cand, Exception):
+            found.append(cand)
+    return [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]
+
+
+def _remote_class(name, bases):
+    key = (name, bases)
+    cls = _REMOTE_EXC_TYPES.get(key)
+    if cls is None:
+        try:
+            cls = type(name, bases, {"_tracerl_remote": True, "__module__": "sandboxed"})
+        except TypeError:  # e.g. two bases with conflicting layouts: keep the first
+            cls = _remote_class(name, bases[:1]) if len(bases) > 1 else _remote_class(
+                name, (Exception,))
+        _REMOTE_EXC_TYPES[key] = cls
+    return cls
+
 
 def _remote_exception(payload):
+    """Rebuild an exception raised in S: a class of the same name deriving from the same
+    built-in exception classes, holding only the message."""
     name = str(payload.get("type", "?"))[:100]
     msg = str(payload.get("msg", ""))[:2000]
-    base = None
-    if payload.get("builtin") is True:
-        cand = getattr(builtins, name, None)
-        if isinstance(cand, type) and issubclass(cand, Exception):
-            base = cand
-    if base is None:
-        if payload.get("exc") is not True:  # SystemExit, KeyboardInterrupt, ...
-            return _CandidateFailure("error", f"program raised {name}: {msg}".rstrip(": "))
-        base = Exception
-    cls = _REMOTE_EXC_TYPES.get(base)
-    if cls is None:
-        cls = type("Sandboxed" + base.__name__, (base,), {"_tracerl_remote": True})
-        _REMOTE_EXC_TYPES[base] = cls
-    try:
-        exc = cls(msg)
-    except Exception:  # noqa: BLE001 - e.g. UnicodeDecodeError needs 5 arguments
-        cls = _REMOTE_EXC_TYPES.setdefault(
-            Exception, type("SandboxedException", (Exception,), {"_tracerl_remote": True}))
-        exc = cls(msg)
+    if payload.get("exc") is not True:  # SystemExit, KeyboardInterrupt, ...
+        return _CandidateFailure("error", f"program raised {name}: {msg}".rstrip(": "))
+    bases = _builtin_bases(payload)
+    if any(b.__name__ in _CONTROL_FLOW for b in bases):
+        bases = [RuntimeError]
+        msg = f"{name} raised by the program: {msg}".rstrip(": ")
+    safe_name = name if name.isidentifier() else "SandboxedException"
+    cls = _remote_class(safe_name, tuple(bases) or (Exception,))
+    exc = None
+    # The first class, walking up, that takes a message alone (UnicodeDecodeError needs five
+    # arguments: its SandboxedUnicodeDecodeError becomes a UnicodeError, still a ValueError).
+    for base in (cls,) + (bases[0].__mro__[1:] if bases else ()):
+        if not issubclass(base, Exception):
+            continue
+        try:
+            exc = (base if base is cls else _remote_class(safe_name, (base,)))(msg)
+            break
+        except Exception:  # noqa: BLE001
+            continue
+    if exc is None:
+        exc = _remote_class(safe_name, (Exception,))(msg)
     exc._tracerl_type = name
     return exc
 
@@ -67,5 +103,14 @@ def _status_of(exc):
 
 
 def _clip(s, n=200):
-    s = repr(s)
+    """A short repr; never raises (a 40,000-digit int has no str(), a cycle no end)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = n
+    r.maxlist = r.maxtuple = r.maxset = r.maxfrozenset = r.maxdict = r.maxdeque = n // 2
+    try:
+        s = r.repr(s)
+    except Exception:  # noqa: BLE001
+        s = f"<{type(s).__name__}>"
     return s if len(s) <= n else s[: n - 3] + "..."

@@ -18,6 +18,7 @@ from .procs import _max_fd, _reap_all
 from .protocol import (
     _MEMORY_EXIT,
     _Eof,
+    _OverBound,
     _Unencodable,
     _decode,
     _encode,
@@ -38,6 +39,7 @@ def _child_main(rfd, wfd):
     program = init["program"]
     limits = init["limits"]
     cap = int(limits["output_bytes"])
+    sys.path.extend(init.get("python_path") or ())  # the packages Limits.site_packages names
     if not hasattr(builtins, "exit"):  # site is not imported (-S): programs still call exit()
         def _exit(code=None):
             raise SystemExit(code)
@@ -57,8 +59,14 @@ def _exc_payload(exc):
     except BaseException:  # noqa: BLE001
         msg = "<unprintable>"
     t = type(exc)
+    try:  # the built-in classes it derives from, so that J's ``except ValueError`` still matches
+        bases = [c.__name__ for c in t.__mro__
+                 if getattr(c, "__module__", "") == "builtins" and issubclass(c, BaseException)]
+    except BaseException:  # noqa: BLE001 - a hostile metaclass
+        bases = []
     return {"t": "exc", "type": getattr(t, "__name__", "?"), "msg": msg,
-            "exc": isinstance(exc, Exception), "builtin": getattr(t, "__module__", "") == "builtins"}
+            "exc": isinstance(exc, Exception), "builtin": getattr(t, "__module__", "") == "builtins",
+            "bases": bases[:20]}
 
 
 def _reply(wfd, obj, cap, nonce=None):
@@ -129,6 +137,8 @@ def _child_function(rfd, wfd, program, cap):
                     if type(a) in (list, dict, set, bytearray):
                         mut.append([k, _encode(a, lenient=True)])
                 out["mut"] = mut
+            except _OverBound as exc:  # e.g. range(10**18), an endless generator
+                out = {"t": "too_big", "why": str(exc)}
             except _Unencodable as exc:
                 out = {"t": "unencodable", "msg": str(exc)}
             except BaseException as exc:  # noqa: BLE001 - SystemExit in the function: an error

@@ -31,6 +31,7 @@ from .syscalls import (
     _remount_all_readonly,
     _statvfs_flags,
 )
+from .view import abandon_view, build_view
 
 
 def _sandbox_uid():
@@ -114,12 +115,18 @@ def _sandbox_setup_and_exec(spec, ns_mode, uid, workdir, report):
 
     # -- file system ----------------------------------------------------------------------------
     if in_ns:
-        _setup_filesystem(spec, report)
+        try:
+            report.update(build_view(spec["view"], limits["disk_mb"], limits["disk_mb"]))
+        except OSError as exc:  # before pivot_root: fall back to the read-only host (reported)
+            report["errors"].append(f"allowlist file system view: {exc}")
+            abandon_view()
+            _setup_filesystem(spec, report)
+            report["filesystem_view"] = "host-readonly"
         cwd = "/tmp"
     else:
         cwd = workdir
         report.update(readonly_filesystem=False, private_tmp=False, private_proc=False,
-                      hidden_paths=[])
+                      hidden_paths=[], filesystem_view="host")
 
     # -- resource limits ------------------------------------------------------------------------
     import resource
@@ -213,7 +220,8 @@ def _count_user_tasks(uid):
 
 
 def _setup_filesystem(spec, report):
-    """Read-only root, fresh /proc, hidden directories, private writable /tmp."""
+    """The fallback view (no pivot_root): the host read-only, fresh /proc, hidden directories,
+    private writable /tmp."""
     errors = report["errors"]
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we do propagates to the host
     keep = []

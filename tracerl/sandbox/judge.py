@@ -14,6 +14,7 @@ from .isolation import _path_world_accessible
 from .modes import _run_check_mode, _run_function_mode, _run_stdio_mode
 from .protocol import (
     _Eof,
+    _OverBound,
     _Protocol,
     _Remote,
     _Timeout,
@@ -29,6 +30,68 @@ from .syscalls import _PR_SET_CHILD_SUBREAPER, _PR_SET_DUMPABLE, _PR_SET_PDEATHS
 # =============================================================================================
 # The judge (J): runs the tests against answers from S.
 # =============================================================================================
+
+
+class _TestClock:
+    """A CPU-time budget for J's own work on one test statement.
+
+    Test code runs in J on values the program returned.  Those values are bounded (see
+    :mod:`.protocol`), so no single operation on them is long, but a test may loop over them;
+    past the budget the statement fails with ``timeout``.  The alarm (SIGPROF, J's CPU time)
+    never interrupts an exchange with S: it waits for the exchange to finish."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.armed = False
+        self.pending = False
+        self.in_exchange = 0
+        signal.signal(signal.SIGPROF, self._fire)
+
+    def start(self):
+        self.pending = False
+        self.armed = True
+        signal.setitimer(signal.ITIMER_PROF, self.seconds)
+
+    def stop(self):
+        self.armed = False
+        signal.setitimer(signal.ITIMER_PROF, 0)
+
+    def _expired(self):
+        self.armed = self.pending = False
+        return _CandidateFailure("timeout", f"the test's own evaluation took more than "
+                                            f"{self.seconds:g} s of the judge's CPU time")
+
+    def _fire(self, signum, frame):
+        if not self.armed:
+            return
+        if self.in_exchange:
+            self.pending = True
+            return
+        raise self._expired()
+
+    def check(self):
+        """After an exchange: raise the expiry that arrived during it."""
+        if self.pending and self.armed:
+            raise self._expired()
+
+
+class _CappedText:
+    """Where test code's prints go (never J's result channel): the last 64 KiB are kept."""
+
+    def __init__(self, cap=64 << 10):
+        self.cap = cap
+        self.text = ""
+
+    def write(self, s):
+        s = str(s)
+        self.text = (self.text + s)[-self.cap:]
+        return len(s)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
 
 
 class _Judge:
@@ -47,6 +110,7 @@ class _Judge:
         self.deadline = time.monotonic() + self.limits["total_time"]
         # The harness answers "too_big" past output_bytes + 64 KiB of encoded JSON.
         self.frame_cap = int(self.limits["output_bytes"]) + (128 << 10)
+        self.clock = _TestClock(spec["time_limit"] + 1.0)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _fail(self, status, detail):
@@ -79,8 +143,10 @@ class _Judge:
             sb.kill()
             self.setup_failure = ("timeout", f"loading the program took longer than {setup:g} s")
         except _Eof:
-            self.setup_failure = ("error", f"the program exited while loading "
-                                           f"({sb.exit_detail or 'no status'})")
+            self.setup_failure = (("memory", "over the memory limit while loading")
+                                  if sb.memory_exceeded() else
+                                  ("error", f"the program exited while loading "
+                                            f"({sb.exit_detail or 'no status'})"))
         except _TooBig:
             sb.kill()
             self.setup_failure = ("output_limit", "oversized message while loading")
@@ -107,6 +173,13 @@ class _Judge:
 
     # -- one exchange ---------------------------------------------------------------------------
     def exchange(self, msg, time_limit):
+        self.clock.in_exchange += 1
+        try:
+            return self._exchange(msg, time_limit)
+        finally:
+            self.clock.in_exchange -= 1
+
+    def _exchange(self, msg, time_limit):
         self.calls += 1  # any interaction with the program makes a statement a real test
         sb = self.ensure()
         now = time.monotonic()
@@ -123,11 +196,19 @@ class _Judge:
             return reply
         except _Timeout:
             sb.kill()
+            if sb.memory_exceeded():  # e.g. a child was killed and the program waited for it
+                raise self._fail("memory", f"the program's processes together went over the "
+                                           f"memory limit of {self.limits['memory_mb']} MiB") \
+                    from None
             if deadline >= self.deadline:
                 raise self._fail("timeout", "the program's total time budget is used up") \
                     from None
             raise self._fail("timeout", f"no answer within {time_limit:g} s") from None
         except _Eof:
+            if sb.memory_exceeded():
+                raise self._fail("memory", f"the program's processes together went over the "
+                                           f"memory limit of {self.limits['memory_mb']} MiB") \
+                    from None
             raise self._fail("error", f"the program's process ended "
                                       f"({sb.exit_detail or 'no status'})") from None
         except _TooBig as exc:
@@ -149,11 +230,14 @@ class _Judge:
                 from None
         reply = self.exchange({"t": "call", "name": name, "args": enc_args,
                                "kwargs": enc_kwargs}, self.spec["time_limit"])
+        self.clock.check()
         t = reply.get("t")
         if t == "ret":
             try:
                 value = _decode(reply.get("v"))
                 muts = [(k, _decode(v)) for k, v in reply.get("mut", [])]
+            except _OverBound as exc:  # checked before anything is rebuilt
+                raise self._fail("output_limit", f"return value: {exc}") from None
             except Exception as exc:  # noqa: BLE001
                 self.sb.kill()
                 raise self._fail("error", f"malformed return value: {exc}") from None
@@ -171,7 +255,8 @@ class _Judge:
         if t == "unencodable":
             raise self._fail("error", str(reply.get("msg", "unencodable return value"))[:500])
         if t == "too_big":
-            raise self._fail("output_limit", "return value over the output limit")
+            why = str(reply.get("why") or "over the output limit")[:300]
+            raise self._fail("output_limit", f"return value: {why}")
         self.sb.kill()
         raise self._fail("error", f"unexpected answer {t!r}")
 
@@ -193,6 +278,8 @@ class _Judge:
         if t == "value":
             try:
                 return _decode(reply.get("v"))
+            except _OverBound as exc:
+                raise self._fail("output_limit", f"value of {name!r}: {exc}") from None
             except Exception as exc:  # noqa: BLE001
                 raise self._fail("error", f"malformed value of {name!r}: {exc}") from None
         if t == "opaque":
@@ -232,10 +319,15 @@ def _judge_main(argv):
     if parent is not None and os.getppid() != parent:
         return 3
     job = json.loads(sys.stdin.buffer.read())
-    null = os.open("/dev/null", os.O_RDONLY)
+    # The result goes to P on a private copy of fd 1; fds 0 and 1 and sys.stdout become
+    # /dev/null and a capped buffer, so a test's print cannot corrupt the result.
+    result_fd = os.dup(1)
+    null = os.open("/dev/null", os.O_RDWR)
     os.dup2(null, 0)
+    os.dup2(null, 1)
     os.close(null)
     limits = dict(job["limits"])
+    _limit_judge(limits)
     time_limit = float(job["time_limit"])
     if limits.get("setup_time") is None:
         limits["setup_time"] = time_limit + 1.0
@@ -248,11 +340,14 @@ def _judge_main(argv):
         "interpreter": job["interpreter"],
         "interpreter_args": job["interpreter_args"],
         "interpreter_world_readable": _path_world_accessible(job["interpreter"]),
+        "view": job["view"],
         "keep_paths": job["keep_paths"],
         "hide_paths": job["hide_paths"],
         "judge_non_dumpable": non_dumpable,
     }
     judge = _Judge(spec)
+    captured = _CappedText()
+    sys.stdout = sys.stderr = captured
     try:
         if job["method"] == "stdio":
             verdicts = _run_stdio_mode(job, judge)
@@ -261,9 +356,36 @@ def _judge_main(argv):
         else:
             verdicts = _run_function_mode(job, judge)
     finally:
+        judge.clock.stop()
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         judge.close()
-    result = {"verdicts": verdicts, "protections": judge.protections,
+    protections = dict(judge.protections, judge_limits=_JUDGE_LIMITS)
+    result = {"verdicts": verdicts, "protections": protections,
               "infra_error": judge.infra_error}
-    sys.stdout.write(json.dumps(result))
-    sys.stdout.flush()
+    data = json.dumps(result).encode()
+    view = memoryview(data)
+    while view:
+        view = view[os.write(result_fd, view):]
+    os.close(result_fd)
     return 0
+
+
+_JUDGE_LIMITS = {}
+
+
+def _limit_judge(limits):
+    """J's own limits: address space and CPU time (soft limits: S sets its own below them)."""
+    import resource
+
+    mib = 1 << 20
+    cpu = int(limits["total_time"] + 2 * limits["startup_timeout"]) + 10
+    for name, value in (("RLIMIT_AS", int(limits["judge_memory_mb"]) * mib),
+                        ("RLIMIT_CPU", cpu)):
+        res = getattr(resource, name)
+        try:
+            soft, hard = resource.getrlimit(res)
+            v = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(res, (v, hard))
+            _JUDGE_LIMITS[name[7:].lower()] = v
+        except (OSError, ValueError):
+            pass

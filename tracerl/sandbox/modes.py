@@ -43,6 +43,7 @@ class _Units:
         self._calls = judge.calls  # interactions before the current test (and its set-up)
 
     def begin(self, i):
+        self.judge.clock.start()
         self.judge.unit_failure = None
         if i in self.unit_ids and not self.judge.calls > self._calls:
             self.judge.last_return = None
@@ -54,6 +55,7 @@ class _Units:
         self._record(i, exc)
 
     def _record(self, i, exc):
+        self.judge.clock.stop()
         made_calls = self.judge.calls > self._calls
         if i in self.unit_ids:
             self._calls = self.judge.calls
@@ -251,6 +253,8 @@ def _run_stdio_mode(job, judge):
             status, detail = "timeout", "CPU time limit"
         elif code == _MEMORY_EXIT:
             status, detail = "memory", "MemoryError"
+        elif judge.sb is not None and judge.sb.memory_exceeded():
+            status, detail = "memory", "the run's processes together went over the memory limit"
         elif code != 0:
             tail = str(err).strip().splitlines()[-1:] if err else []
             how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"

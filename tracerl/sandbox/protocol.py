@@ -112,6 +112,11 @@ class _Unencodable(Exception):
     pass
 
 
+class _OverBound(_Unencodable):
+    """A value over one of the codec's bounds: a failed test (``output_limit``), never work
+    for the judge."""
+
+
 class _Remote:
     """Judge-side proxy for a name defined by the program: calling it runs the call in S."""
 
@@ -128,51 +133,104 @@ class _Remote:
         return f"<sandboxed {self._name}>"
 
 
-_MAX_DEPTH = 200
+# Bounds on one value, checked on both sides: by S so that lazy values (ranges, generators) are
+# materialised within the program's own limits, and by J, which trusts nothing S sends, before
+# anything is rebuilt.  Under them, whatever a test does with a value stays cheap for J.
+_MAX_DEPTH = 200  # nesting
+_MAX_ITEMS = 1_000_000  # elements of all containers together (a range counts its length)
+_MAX_INT_BITS = 1 << 17  # about 39,000 decimal digits, per int (and per Fraction term)
+_MAX_DECIMAL_CHARS = 10_000
+_MAX_DECIMAL_EXPONENT = 100_000
 _JSON_INT = 1 << 63
 
 
-def _encode(v, lenient=False, depth=0):
+class _Budget:
+    """Counts the elements of one value against ``_MAX_ITEMS``."""
+
+    __slots__ = ("left",)
+
+    def __init__(self):
+        self.left = _MAX_ITEMS
+
+    def take(self, n):
+        self.left -= n
+        if self.left < 0:
+            raise _OverBound(f"value has more than {_MAX_ITEMS:,} elements")
+
+
+def _check_int(v):
+    if v.bit_length() > _MAX_INT_BITS:
+        raise _OverBound(f"integer of {v.bit_length():,} bits is over the limit of "
+                         f"{_MAX_INT_BITS:,}")
+    return v
+
+
+def _check_decimal(text):
+    import decimal
+
+    if type(text) is not str or len(text) > _MAX_DECIMAL_CHARS:
+        raise _OverBound("decimal over the size limit")
+    d = decimal.Decimal(text)
+    if d.is_finite() and abs(d.adjusted()) > _MAX_DECIMAL_EXPONENT:
+        raise _OverBound(f"decimal exponent over the limit of {_MAX_DECIMAL_EXPONENT:,}")
+    return d
+
+
+def _encode(v, lenient=False, depth=0, budget=None):
     """Encode a plain value.  ``lenient`` (the sandbox side) converts subclasses of plain types,
     iterators and numpy scalars to plain values first; the judge side is strict."""
     if depth > _MAX_DEPTH:
-        raise _Unencodable("value nested too deeply")
+        raise _OverBound("value nested too deeply")
+    if budget is None:
+        budget = _Budget()
     t = type(v)
     if v is None or t is bool or t is str:
         return v
     if t is int:
-        return v if -_JSON_INT < v < _JSON_INT else {"$": "int", "v": format(v, "x")}
+        return v if -_JSON_INT < v < _JSON_INT else {"$": "int", "v": format(_check_int(v), "x")}
     if t is float:
         return v if math.isfinite(v) else {"$": "float", "v": repr(v)}
     d = depth + 1
+    enc = lambda x: _encode(x, lenient, d, budget)  # noqa: E731
     if t is list:
-        return [_encode(x, lenient, d) for x in v]
+        budget.take(len(v))
+        return [enc(x) for x in v]
     if t is tuple:
-        return {"$": "tuple", "v": [_encode(x, lenient, d) for x in v]}
+        budget.take(len(v))
+        return {"$": "tuple", "v": [enc(x) for x in v]}
     if t is dict:
-        return {"$": "dict", "v": [[_encode(k, lenient, d), _encode(x, lenient, d)]
-                                   for k, x in v.items()]}
+        budget.take(2 * len(v))
+        return {"$": "dict", "v": [[enc(k), enc(x)] for k, x in v.items()]}
     if t is set or t is frozenset:
-        return {"$": t.__name__, "v": [_encode(x, lenient, d) for x in v]}
+        budget.take(len(v))
+        return {"$": t.__name__, "v": [enc(x) for x in v]}
     if t is bytes or t is bytearray:
         return {"$": t.__name__, "v": bytes(v).hex()}
     if t is complex:
         return {"$": "complex", "v": [_encode(v.real), _encode(v.imag)]}
     if t is range:
-        return {"$": "range", "v": [v.start, v.stop, v.step]}
+        try:
+            budget.take(len(v))
+        except OverflowError:  # longer than sys.maxsize
+            budget.take(_MAX_ITEMS + 1)
+        return {"$": "range", "v": [_check_int(v.start), _check_int(v.stop), _check_int(v.step)]}
     mod = getattr(t, "__module__", "")
     if mod == "fractions" and t.__name__ == "Fraction":
-        return {"$": "fraction", "v": [format(v.numerator, "x"), format(v.denominator, "x")]}
+        return {"$": "fraction", "v": [format(_check_int(v.numerator), "x"),
+                                       format(_check_int(v.denominator), "x")]}
     if mod == "decimal" and t.__name__ == "Decimal":
-        return {"$": "decimal", "v": str(v)}
+        return {"$": "decimal", "v": str(_check_decimal(str(v)))}
     if t is _Remote:
         return {"$": "ref", "v": v._name}
     if lenient:
         import collections.abc
+        import itertools
 
         if isinstance(v, collections.abc.Iterator):  # generator, map, zip... stays an iterator
-            return {"$": "iter", "v": [_encode(x, True, d) for x in v]}
-        return _encode(_plainify(v), True, d)
+            items = list(itertools.islice(v, budget.left + 1))  # runs in S, under its limits
+            budget.take(len(items))
+            return {"$": "iter", "v": [enc(x) for x in items]}
+        return enc(_plainify(v))
     raise _Unencodable(f"a value of type {t.__name__} cannot be sent to the sandbox")
 
 
@@ -208,60 +266,81 @@ def _encode_result(v):
     return _encode(v, lenient=True)
 
 
-def _decode(o, refs=None, depth=0):
-    """Decode a value encoded by :func:`_encode`.  Builds only built-in types (and Fraction,
-    Decimal).  ``refs`` resolves ``ref`` tags (sandbox side) to program objects."""
+def _decode(o, refs=None, depth=0, budget=None):
+    """Decode a value encoded by :func:`_encode`, within the same bounds.  Builds only built-in
+    types (and Fraction, Decimal).  ``refs`` resolves ``ref`` tags (sandbox side) to program
+    objects.  A value over a bound raises :class:`_OverBound`, a malformed one ValueError."""
     if depth > _MAX_DEPTH:
-        raise ValueError("value nested too deeply")
+        raise _OverBound("value nested too deeply")
+    if budget is None:
+        budget = _Budget()
     t = type(o)
-    if o is None or t is bool or t is str or t is int or t is float:
+    if o is None or t is bool or t is str or t is float:
         return o
+    if t is int:
+        return _check_int(o)
     d = depth + 1
+    dec = lambda x: _decode(x, refs, d, budget)  # noqa: E731
     if t is list:
-        return [_decode(x, refs, d) for x in o]
+        budget.take(len(o))
+        return [dec(x) for x in o]
     if t is not dict:
         raise ValueError(f"unexpected JSON value {t.__name__}")
     tag, v = o.get("$"), o.get("v")
+    if tag in ("int", "fraction") or tag == "range":
+        parts = [v] if tag == "int" else v
+        if type(parts) is not list or not all(type(p) is str or type(p) is int for p in parts):
+            raise ValueError(f"bad {tag}")
+        for p in parts:
+            if type(p) is str and len(p) > _MAX_INT_BITS // 4 + 1:  # before int() parses it
+                raise _OverBound(f"integer over the limit of {_MAX_INT_BITS:,} bits")
     if tag == "int":
-        return int(v, 16)
+        return _check_int(int(v, 16))
     if tag == "float":
         if v not in ("nan", "inf", "-inf"):
             raise ValueError("bad float")
         return float(v)
+    if tag in ("tuple", "set", "frozenset", "iter", "dict"):
+        if type(v) is not list:
+            raise ValueError(f"bad {tag}")
+        budget.take(len(v) * (2 if tag == "dict" else 1))
     if tag == "tuple":
-        return tuple(_decode(x, refs, d) for x in v)
+        return tuple(dec(x) for x in v)
     if tag == "dict":
-        return {_decode(k, refs, d): _decode(x, refs, d) for k, x in v}
+        return {dec(k): dec(x) for k, x in v}
     if tag == "set":
-        return {_decode(x, refs, d) for x in v}
+        return {dec(x) for x in v}
     if tag == "frozenset":
-        return frozenset(_decode(x, refs, d) for x in v)
+        return frozenset(dec(x) for x in v)
+    if tag == "iter":
+        return iter([dec(x) for x in v])
     if tag == "bytes":
         return bytes.fromhex(v)
     if tag == "bytearray":
         return bytearray.fromhex(v)
     if tag == "complex":
-        re_, im = (_decode(x, refs, d) for x in v)
+        re_, im = (_decode(x, refs, d, budget) for x in v)
         if type(re_) is not float or type(im) is not float:
             raise ValueError("bad complex")
         return complex(re_, im)
     if tag == "range":
         a, b, c = v
-        if not (type(a) is int and type(b) is int and type(c) is int):
+        if not (type(a) is int and type(b) is int and type(c) is int) or c == 0:
             raise ValueError("bad range")
-        return range(a, b, c)
-    if tag == "iter":
-        return iter([_decode(x, refs, d) for x in v])
+        r = range(_check_int(a), _check_int(b), _check_int(c))
+        try:
+            n = len(r)
+        except OverflowError:
+            n = _MAX_ITEMS + 1
+        budget.take(n)
+        return r
     if tag == "fraction":
         import fractions
 
-        return fractions.Fraction(int(v[0], 16), int(v[1], 16))
+        num, den = (_check_int(int(x, 16)) for x in v)
+        return fractions.Fraction(num, den)  # normalised: a gcd of bounded integers
     if tag == "decimal":
-        import decimal
-
-        if type(v) is not str or len(v) > 10000:
-            raise ValueError("bad decimal")
-        return decimal.Decimal(v)
+        return _check_decimal(v)
     if tag == "ref" and refs is not None and type(v) is str:
         return refs(v)
     raise ValueError(f"unknown tag {tag!r}")

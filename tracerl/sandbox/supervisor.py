@@ -8,6 +8,7 @@ import signal
 import time
 
 from .bootstrap import _harness_payload
+from .cgroups import MemoryCgroup
 from .isolation import _kill_uid, _make_private_workdir, _sandbox_exec, _sandbox_uid
 from .procs import _reap_all
 from .protocol import _Eof, _Protocol, _Timeout, _TooBig, _recv, _recv_raw, _send
@@ -44,11 +45,13 @@ class _Sandbox:
         self.protections = {}
         self.pid_u = None
         self.workdir = None
+        self.oom_killed = False  # the memory cgroup killed a process of the program
         limits = spec["limits"]
         root = os.geteuid() == 0
         self.uid = _sandbox_uid() if root else None
         if spec["isolation"] == "none":
             self.workdir = _make_private_workdir(self.uid)
+        self.cgroup, cgroup_errors = MemoryCgroup.create(int(limits["memory_mb"]) << 20)
         judge_pid = os.getpid()
         try:
             to_r, to_w = os.pipe()
@@ -56,6 +59,8 @@ class _Sandbox:
             info_r, info_w = os.pipe()
             pid_c = os.fork()
         except OSError as exc:
+            if self.cgroup is not None:
+                self.cgroup.remove()
             raise _InfraError(f"cannot start a sandbox: {exc}") from None
         if pid_c == 0:  # C
             code = 127
@@ -67,7 +72,8 @@ class _Sandbox:
                 os.dup2(null, 0)
                 os.dup2(null, 1)  # J's result pipe to P must not stay open in C
                 os.close(null)
-                _intermediary(spec, judge_pid, to_r, fr_w, info_w, self.uid, self.workdir)
+                _intermediary(spec, judge_pid, to_r, fr_w, info_w, self.uid, self.workdir,
+                              self.cgroup)
             except BaseException:  # noqa: BLE001
                 try:
                     import traceback
@@ -90,19 +96,28 @@ class _Sandbox:
             os.close(info_r)
             self.pid_u = int(info["pid"])
             self.protections.update(info["report"])
+            self.protections["errors"] = cgroup_errors + self.protections.get("errors", [])
             boot = _recv(fr_r, deadline, cap=1 << 20)
             if boot.get("t") != "boot":
                 raise _Protocol(f"{boot.get('error', boot)}")
             self.protections.update(boot.get("report", {}))
             _send(to_w, _harness_payload(), deadline)
             _send(to_w, {"t": "init", "mode": spec["mode"], "program": spec["program"],
-                         "limits": limits}, deadline)
+                         "limits": limits, "python_path": spec["view"]["python_path"]}, deadline)
             started = _recv(fr_r, deadline, cap=1 << 20)
             if started.get("t") != "started":
                 raise _Protocol(f"{started.get('error', started)}")
         except (_Timeout, _Eof, _TooBig, _Protocol, OSError, ValueError, KeyError) as exc:
             self.kill()
             raise _InfraError(f"sandbox failed to start ({type(exc).__name__}: {exc})") from None
+
+    def memory_exceeded(self):
+        """True once after the kernel killed one of the program's processes for exceeding the
+        memory limit (its cgroup's); False where there is no cgroup."""
+        if self.cgroup is not None and self.cgroup.new_oom_kill():
+            self.oom_killed = True
+        hit, self.oom_killed = self.oom_killed, False
+        return hit
 
     # -- channel ----------------------------------------------------------------------------
     def send(self, obj, deadline):
@@ -196,6 +211,10 @@ class _Sandbox:
                 except OSError:
                     pass
                 setattr(self, fd, None)
+        if self.cgroup is not None:
+            self.oom_killed = self.oom_killed or self.cgroup.new_oom_kill()
+            self.cgroup.remove()
+            self.cgroup = None
         if self.workdir:
             import shutil
 
@@ -203,8 +222,9 @@ class _Sandbox:
             self.workdir = None
 
 
-def _intermediary(spec, judge_pid, to_r, fr_w, info_w, uid, workdir):
-    """C: create namespaces, fork S, report S's pid, wait for S, exit with its status."""
+def _intermediary(spec, judge_pid, to_r, fr_w, info_w, uid, workdir, cgroup):
+    """C: join the memory cgroup, create namespaces, fork S, report S's pid, wait for S, exit
+    with its status."""
     try:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
@@ -213,7 +233,14 @@ def _intermediary(spec, judge_pid, to_r, fr_w, info_w, uid, workdir):
         os._exit(1)
     report = {"pid_namespace": False, "mount_namespace": False, "network_namespace": False,
               "ipc_namespace": False, "uts_namespace": False, "user_namespace": False,
-              "isolation": spec["isolation"], "errors": []}
+              "isolation": spec["isolation"], "errors": [], "memory_cgroup": False,
+              "memory_scope": "per-process"}
+    if cgroup is not None:
+        try:
+            cgroup.join()
+            report.update(memory_cgroup=f"v{cgroup.version}", memory_scope="all-processes")
+        except OSError as exc:
+            report["errors"].append(f"join memory cgroup: {exc.strerror}")
     rest = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS
     ns_mode = "none"
     if spec["isolation"] == "auto":

@@ -29,6 +29,8 @@ _MS_REC = 16384
 _MS_PRIVATE = 1 << 18
 _MS_RELATIME = 1 << 21
 
+_MNT_DETACH = 2
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
@@ -73,6 +75,28 @@ def _mount(source, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else s.encode()  # noqa: E731
     rc = _libc().mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
     _errcheck(rc, f"mount {target}")
+
+
+# pivot_root has no libc wrapper; its number differs between architectures.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217,
+                   "i686": 217, "armv7l": 218}
+
+
+def _pivot_root(new_root, put_old):
+    import ctypes
+    import platform
+
+    number = _SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
+    _errcheck(_libc().syscall(ctypes.c_long(number), new_root.encode(), put_old.encode()),
+              "pivot_root")
+
+
+def _umount2(target, flags):
+    import ctypes
+
+    _errcheck(_libc().umount2(target.encode(), ctypes.c_int(flags)), f"umount {target}")
 
 
 def _prctl(option, arg):
