@@ -59,13 +59,33 @@ What is isolated, and how (``protections`` in every result says what was active)
   user namespaces).  With a pid namespace S is pid 1: killing S kills every process the program
   started, and the program cannot see or signal anything outside.  The network namespace has only
   a loopback device that is down: no network at all.
-* **File system** (mount namespace): everything read-only (``mount_setattr`` recursive, or a
-  remount per mount point), a fresh ``/proc``, a private size-capped tmpfs on ``/tmp`` which is
-  the working directory and ``$HOME``, and empty read-only tmpfs over the home directories,
-  ``/run``, ``/var/tmp``, ``/dev/shm``, ``/mnt``, ``/media``, ``/srv``, the caller's working
-  directory, the virtual environment (``sys.prefix``) and ``Limits.hide_paths``.  The
-  interpreter's own prefix is bind-mounted back read-only where a hidden directory contains it.
-  Files the program writes vanish with the namespace.
+* **File system** (mount namespace): an *allowlist* view (:mod:`.view`).  S gets a new, empty
+  root into which only the interpreter, its standard library, the shared libraries they load,
+  and the packages ``Limits.site_packages`` names are bind-mounted read-only; besides them a
+  private size-capped tmpfs ``/tmp`` (the working directory and ``$HOME``), a private
+  ``/dev/shm``, the device nodes ``/dev/null``, ``zero``, ``full``, ``random``, ``urandom``, and
+  a fresh ``/proc``.  S moves into it with ``pivot_root`` and detaches the host's tree, so no
+  input file, checkpoint or sibling submission is reachable wherever it lies.  Where it is
+  refused the fallback is the host read-only with the home directories, ``/run``,
+  ``/var/tmp``, ``/mnt``, ``/media``, ``/srv``, the caller's working directory, the virtual
+  environment and ``Limits.hide_paths`` hidden (``filesystem_view: "host-readonly"``).  Files
+  the program writes vanish with the namespace.
+* **Memory** (:mod:`.cgroups`): one memory cgroup per sandbox (v2, or the v1 ``memory``
+  controller) limits all of the program's processes and its memfd / tmpfs pages together to
+  ``memory_mb``; an OOM kill in it is the verdict ``memory``.  ``memory_scope`` reports
+  ``"all-processes"`` or, without a writable cgroup, ``"per-process"`` (RLIMIT_AS per process,
+  RLIMIT_NPROC, RLIMIT_FSIZE on every file and memfd, the tmpfs sizes).
+* **The judge's own limits**: J runs test code on values the program returned, so those values
+  are bounded before anything is rebuilt (:mod:`.protocol`: element count, nesting, integer
+  bits, decimal exponents; ranges count their length; generators and other iterators are
+  materialised in S, under the program's limits); over a bound is the verdict
+  ``output_limit``.  J itself runs under an address-space and CPU limit
+  (``judge_memory_mb``; ``judge_limits`` in the report), each test statement under a CPU clock,
+  and its result goes to P on a private descriptor (a test's ``print`` cannot corrupt it).
+* **Exceptions** from the program reach the tests as classes of the same name deriving from
+  the same built-in exceptions (``except ValueError`` catches a ``ValueError`` subclass), with
+  the message only; ``StopIteration`` arrives as a ``RuntimeError`` (as PEP 479 does for
+  generators) so that it cannot end a test's ``all(map(...))`` early.
 * **Privileges**: when root, S switches to a fresh random uid/gid (so ``RLIMIT_NPROC`` binds and
   nothing root-owned is writable or signalable); ``PR_SET_NO_NEW_PRIVS``; ``nosuid`` mounts.
 * **Resources** (``setrlimit``): address space (memory), CPU seconds, file size, process
@@ -78,10 +98,9 @@ What is isolated, and how (``protections`` in every result says what was active)
   world-writable directories, use the network, and (same uid, no pid namespace) signal the
   caller.  ``sandbox_capabilities()`` reports which mode a host gets.
 
-Not isolated, even in the best mode: CPU and memory *bandwidth* (no cgroups), the kernel attack
-surface (no seccomp filter), read access to world-readable files outside the hidden paths
-(system libraries, ``/etc``, ``/sys``), and timing side channels.  Memory is limited per process
-(``RLIMIT_AS``), so a program may hold up to ``max_processes`` x ``memory_mb``.
+Not isolated, even in the best mode: CPU and memory *bandwidth*, the kernel attack surface (no
+seccomp filter), and timing side channels.  Without a writable memory cgroup, memory is limited
+per process (``RLIMIT_AS``), so a program may hold up to ``max_processes`` x ``memory_mb``.
 
 Modules
 -------
@@ -90,7 +109,9 @@ Modules
 * :mod:`.judge` (J): the judge's entry point and its driver of one program's sandbox;
   :mod:`.modes`: the three kinds of tests; :mod:`.failures`: failures and their statuses.
 * :mod:`.supervisor` (J, C): one sandbox seen from J, and the intermediary that creates it;
-  :mod:`.isolation` (S before ``execve``): file system, rlimits, privileges, uids;
+  :mod:`.cgroups` (J, C): the sandbox's memory cgroup;
+  :mod:`.view` (P, S before ``execve``): the allowlist file system view;
+  :mod:`.isolation` (S before ``execve``): the fallback view, rlimits, privileges, uids;
   :mod:`.syscalls`: the libc calls (namespaces, mounts, prctl).
 * :mod:`.bootstrap`: how S receives the harness; :mod:`.harness` (S after ``execve``);
   :mod:`.protocol`: frames and the value codec; :mod:`.procs`: process helpers.  These last

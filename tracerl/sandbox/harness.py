@@ -65,8 +65,8 @@ def _exc_payload(exc):
     except BaseException:  # noqa: BLE001 - a hostile metaclass
         bases = []
     return {"t": "exc", "type": getattr(t, "__name__", "?"), "msg": msg,
-            "exc": isinstance(exc, Exception), "builtin": getattr(t, "__module__", "") == "builtins",
-            "bases": bases[:20]}
+            "exc": isinstance(exc, Exception),
+            "builtin": getattr(t, "__module__", "") == "builtins", "bases": bases[:20]}
 
 
 def _reply(wfd, obj, cap, nonce=None):

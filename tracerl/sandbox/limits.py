@@ -18,12 +18,13 @@ class Limits:
     whole program; tests left when it runs out are ``timeout``.  ``startup_timeout`` bounds the
     sandbox's own start (an infrastructure error, not the program's fault, if exceeded).
     ``judge_memory_mb``: the judge's own address space (it holds the expected values and
-    evaluates the tests on returned values).  ``isolation``: ``"auto"`` (strongest available) or ``"none"`` (rlimits and process groups
-    only; for hosts where namespaces misbehave).  ``site_packages``: ``False`` (the standard
-    library only), ``True`` (the caller's whole virtual environment, readable by the program), or
-    a tuple of top-level package names the program may import (``("numpy",)``; only those
-    packages become visible).  ``hide_paths``: extra directories to hide where the allowlist
-    view cannot be built (see :mod:`.view`; with it nothing outside the allowlist is visible).
+    evaluates the tests on returned values).  ``isolation``: ``"auto"`` (strongest available)
+    or ``"none"`` (rlimits and process groups only; for hosts where namespaces misbehave).
+    ``site_packages``: ``False`` (the standard library only), ``True`` (the caller's whole
+    virtual environment, readable by the program), or a tuple of top-level package names the
+    program may import (``("numpy",)``; only those packages become visible).
+    ``hide_paths``: extra directories to hide where the allowlist view cannot be built (see
+    :mod:`.view`; with it nothing outside the allowlist is visible).
     """
 
     time_limit: float | None = None

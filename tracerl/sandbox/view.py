@@ -14,8 +14,8 @@ these host paths are bind-mounted read-only, at their own paths:
 
 and besides them a private writable ``/tmp`` (the working directory and ``$HOME``), a private
 ``/dev/shm`` (``multiprocessing`` needs it), ``/dev/null``, ``/dev/zero``, ``/dev/full``,
-``/dev/random``, ``/dev/urandom``, and a fresh ``/proc`` of S's pid namespace.  Then S
-``pivot_root``\\ s into it and detaches the old root, so no path leads back to the host.
+``/dev/random``, ``/dev/urandom``, and a fresh ``/proc`` of S's pid namespace.  Then S moves
+into it with ``pivot_root`` and detaches the old root, so no path leads back to the host.
 
 :func:`view_plan` (run in P, once per setting) resolves what to bind; :func:`build_view` (run in
 S between ``fork`` and ``execve``, inside the mount namespace) builds it.  Where the view cannot
