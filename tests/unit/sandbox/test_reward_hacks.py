@@ -284,6 +284,18 @@ def test_memory_limit_binds_across_processes_and_memfds(caps):
     assert statuses(r) == ["memory", "memory", "passed"], r.verdicts
 
 
+def test_memory_cgroups_are_removed_after_use(caps):
+    from tracerl.sandbox.cgroups import _own_dirs
+
+    if caps.get("memory_scope") != "all-processes":
+        pytest.skip("no memory cgroup on this host (reported)")
+    tests = CodeTests("function", asserts=("assert small() == 50 << 20",))
+    assert score_code(MEMORY_HOG, tests, limits=QUICK).reward == 1.0
+    left = [name for _, parent in _own_dirs() for name in os.listdir(parent)
+            if name.startswith("tracerl-sandbox-")]
+    assert left == []
+
+
 def test_memory_limit_is_reported(caps):
     assert caps["memory_scope"] in ("all-processes", "per-process")
     assert caps["memory_cgroup"] in ("v1", "v2", False)
