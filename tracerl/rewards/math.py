@@ -11,9 +11,18 @@ Reward is 1.0 when the extracted answer is equivalent to the gold answer, else 0
 
 Extraction (``extract_answer``)
 -------------------------------
+Only the last ``MAX_RESPONSE_CHARS`` (32,768) characters of a response are examined. Final
+answers come at the end, and 32K characters (roughly 8K tokens) comfortably hold a final answer
+and the reasoning that leads to it; the cap bounds the work for runaway generations (a 1 MB
+repetition). The price: a box or anchor that lies before that window is not seen (a box the
+window cuts through is not a box). Extraction is linear in what it examines (no backtracking
+regex; braces matched in one pass with an explicit stack, never recursion), so a full window
+takes a few milliseconds.
+
 1. The LAST ``\\boxed{...}`` / ``\\fbox{...}`` (rule ``"boxed"`` / ``"fbox"``), braces balanced
    (``\\{`` and ``\\}`` are literal braces and do not count), or ``\\boxed 5`` without braces
    (rule ``"boxed_bare"``: the next whitespace-free token, trailing ``.,;:`` removed).
+   Brace pairs around the whole content are redundant and removed (``\\boxed{{{4}}}`` -> ``4``).
    Empty boxes (``\\boxed{}``, e.g. an echo of the prompt's instruction) are skipped.
    If the last box is never closed (a truncated response), there is NO answer and no fallback
    runs (rule ``"unclosed_box"``): a truncated answer must not earn reward through a fallback
@@ -27,6 +36,9 @@ Extraction (``extract_answer``)
    - ``"last_number"`` (default): the anchored phrases, then the last number in the text
      (integer, decimal, ``1,000``-style thousands, ``a/b``; rule ``"last_number"``).
    No answer at all gives reward 0 with ``extracted_answer=None``.
+3. In ``score_math`` the extraction runs in the worker process (see Time limits). If it does not
+   come back within the time limit the rule is ``"extraction_timeout"``; if the worker fails
+   during it, ``"extraction_error"``. Both give reward 0 with ``extracted_answer=None``.
 
 Gold answers are taken as datasets give them: the last box if the gold contains one, the text
 after the last ``####`` (GSM8K) if it contains that, else the whole string.
@@ -74,21 +86,32 @@ Equivalence policy (applied identically to gold and prediction)
   ``0.0000001`` equal to ``0.0000002`` or to ``0``. When both sides are plain numbers and one is
   a float, we additionally require a relative difference below 1.5e-6 (``1/3`` vs ``0.333333``
   still passes, ``1/3`` vs ``0.33333`` still fails).
+- Equation chains: against a gold that is not itself an equation or inequality, an answer
+  ``a = b = ...`` is checked as a whole: every side that is a plain value (no variables, e.g.
+  ``3``, ``2 + 2``, ``\\sqrt{2}``) must equal every other, and then the last right-hand side is
+  compared as usual. ``x = 4`` == ``4`` and ``2 + 2 = 4`` == ``4``, but ``3 = 4`` != ``4`` and
+  ``x = 2 + 2 = 5`` != ``5`` (math-verify alone reads both by their last side: a hedge would
+  pass). Sides that name something (``x``, ``AB``, ``f(2)``) are not checked. A gold equation
+  (``y = 2x + 1``) is compared by math-verify as before.
+- Redundant brace groups around a whole answer are dropped on both sides (``{{4}}`` == ``4``).
 - Predicted answers longer than ``MAX_ANSWER_CHARS`` are scored 0 without parsing.
 
 Time limits
 -----------
 math-verify's own timeouts use ``signal.alarm``: whole seconds only (a float such as 0.5 makes
 ``parse`` silently return ``[]``: the ``TypeError`` from ``signal.alarm(0.5)`` is swallowed),
-main thread only, and a signal cannot interrupt a long C call. So every comparison runs in a
-persistent worker *process* (stdlib + math-verify only; it never imports torch or this package's
-``__init__``); the caller waits at most ``timeout`` seconds for the verdict, then kills the
-worker (SIGKILL) and scores 0 with a ``"timeout"`` detail. A fresh worker is started on the next
-call (about 1 s; start-up time is not charged to any comparison). Inside the worker math-verify's
-own timeouts (``max(1, int(timeout / 3))`` s per parse / verify) usually stop slow cases first,
+main thread only, and a signal cannot interrupt a long C call. So ``score_math`` does all its
+work (extraction, then comparison) in a persistent worker *process* (stdlib + math-verify only;
+it never imports torch or this package's ``__init__``); the caller only cuts the response to its
+examined tail and waits at most ``timeout`` seconds for extraction and verdict together, then
+kills the worker (SIGKILL) and scores 0 with a ``"timeout"`` detail (rule
+``"extraction_timeout"`` if the extraction itself had not come back). A fresh worker is started
+on the next call (about 1 s; start-up time is not charged to any call). Inside the worker
+math-verify's own timeouts (``max(1, int(timeout / 3))`` s per parse / verify) usually stop slow cases first,
 so the worker survives; the worker also runs under an address-space limit
 (``WORKER_MEMORY_LIMIT_MB``) so a huge power raises ``MemoryError`` (scored 0) instead of
-exhausting the host. Extraction (``extract_answer``) runs in the caller and is linear-time.
+exhausting the host. ``extract_answer`` called directly runs in the caller; it is linear-time
+and bounded by ``MAX_RESPONSE_CHARS``.
 ``score_math`` is thread-safe (each concurrent call checks out its own worker; that is how
 ``score_math_many`` parallelises) and fork-safe (a forked child starts its own workers and never
 talks to its parent's).
@@ -102,6 +125,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
@@ -119,6 +143,7 @@ __all__ = [
 FALLBACKS = ("none", "anchored", "last_number")
 PERCENT_POLICIES = ("strip", "ratio")
 DEFAULT_TIMEOUT = 5.0
+MAX_RESPONSE_CHARS = 32_768  # only this many characters at the END of a response are examined
 MAX_ANSWER_CHARS = 4096
 WORKER_MEMORY_LIMIT_MB = 4096
 WORKER_START_TIMEOUT = 120.0  # seconds allowed for a worker to import sympy + math-verify
@@ -134,80 +159,132 @@ class MathResult:
 
 
 # =============================================================================================
-# Extraction (runs in the caller; pure string code, linear time)
+# Extraction (pure string code, linear time; score_math runs it inside the worker process)
 # =============================================================================================
 
 
-def _balanced_group(text: str, open_pos: int) -> int | None:
-    """Index of the ``}`` closing the ``{`` at ``open_pos``; escaped ``\\{ \\} \\\\`` are skipped."""
-    depth = 0
-    i, n = open_pos, len(text)
+def _window(text: str) -> str:
+    """The part of a response that is examined: its last ``MAX_RESPONSE_CHARS`` characters."""
+    return text[-MAX_RESPONSE_CHARS:] if len(text) > MAX_RESPONSE_CHARS else text
+
+
+def _brace_pairs(text: str) -> dict[int, int]:
+    """Position of each ``{`` -> position of its ``}``, in one forward pass with an explicit stack.
+
+    ``\\{``, ``\\}`` and ``\\\\`` are escapes and never count. An unmatched ``{`` is absent from
+    the result and an unmatched ``}`` is ignored. No recursion, so any depth is fine.
+    """
+    pairs: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
     while i < n:
         c = text[i]
         if c == "\\":
             i += 2
             continue
         if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
+            stack.append(i)
+        elif c == "}" and stack:
+            pairs[stack.pop()] = i
         i += 1
-    return None
+    return pairs
 
 
+def _strip_outer_braces(s: str) -> str:
+    """``{{{4}}}`` -> ``4``: drop brace pairs that enclose the whole string (a LaTeX group there
+    changes nothing, but a deep one makes the LaTeX parser recurse until it times out)."""
+    s = s.strip()
+    if not s.startswith("{"):
+        return s
+    pairs = _brace_pairs(s)
+    lo, hi = 0, len(s) - 1  # s[lo : hi + 1] is what remains
+    while lo < hi and s[lo] == "{" and pairs.get(lo) == hi:
+        lo, hi = lo + 1, hi - 1
+        while lo <= hi and s[lo].isspace():
+            lo += 1
+        while hi >= lo and s[hi].isspace():
+            hi -= 1
+    return s[lo : hi + 1]
+
+
+_BOX_COMMAND = re.compile(r"\\(boxed|fbox)")
+_SPACES = re.compile(r"\s*")
 _BARE_TOKEN = re.compile(r"[^\s$]+")
 
 
 def _last_box(text: str) -> tuple[str | None, str] | None:
-    """The last non-empty box: (content, rule); (None, "unclosed_box"); or None if no box."""
-    pos = len(text)
+    """The last non-empty box: (content, rule); (None, "unclosed_box"); or None if no box.
+
+    Linear: the commands are found in one regex pass and the braces are matched in one pass;
+    every skipped candidate (empty box, other command) costs only its own characters.
+    """
     n = len(text)
-    while True:
-        i_boxed = text.rfind("\\boxed", 0, pos)
-        i_fbox = text.rfind("\\fbox", 0, pos)
-        i = max(i_boxed, i_fbox)
-        if i < 0:
-            return None
-        name = "boxed" if i == i_boxed else "fbox"
-        j = i + 1 + len(name)
-        pos = i  # the next iteration searches left of this command
+    pairs: dict[int, int] | None = None
+    for m in reversed(list(_BOX_COMMAND.finditer(text))):
+        name, j = m.group(1), m.end()
         if j < n and text[j].isalpha():  # \boxedfoo, \fboxsep: another command
             continue
-        while j < n and text[j].isspace():
-            j += 1
+        j = _SPACES.match(text, j).end()
         if j >= n:
             continue
         if text[j] == "{":
-            end = _balanced_group(text, j)
+            if pairs is None:
+                pairs = _brace_pairs(text)
+            end = pairs.get(j)
             if end is None:
                 return None, "unclosed_box"
-            content = text[j + 1 : end].strip()
+            content = _strip_outer_braces(text[j + 1 : end])
             if not content:
                 continue
             return content, name
-        m = _BARE_TOKEN.match(text, j)
-        token = m.group(0).rstrip(".,;:") if m else ""
+        t = _BARE_TOKEN.match(text, j)
+        token = t.group(0).rstrip(".,;:") if t else ""
         if token:
             return token, "boxed_bare"
+    return None
 
 
+# Possessive quantifiers (*+, ++): a run of spaces after "answer" that is not followed by the
+# expected ":" must fail at once instead of being re-split between the two space runs (O(n^2)).
 _ANCHORS = (
-    ("gsm8k", re.compile(r"####[ \t]*([^\n]*)")),
-    ("answer_is", re.compile(r"(?i)\banswer\s+is\b[ \t]*:?[ \t]*([^\n]*)")),
-    ("answer_colon", re.compile(r"(?i)\banswer\b[ \t]*\**[ \t]*:[ \t]*([^\n]*)")),
+    ("gsm8k", re.compile(r"####[ \t]*+([^\n]*)")),
+    ("answer_is", re.compile(r"(?i)\banswer\s++is\b[ \t]*+:?[ \t]*+([^\n]*)")),
+    ("answer_colon", re.compile(r"(?i)\banswer\b[ \t]*+\**+[ \t]*+:[ \t]*+([^\n]*)")),
 )
-_MATH_SEGMENT = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
+_SEGMENT_OPENER = re.compile(r"\$|\\[(\[]")
+_SEGMENT_CLOSER = {"\\(": "\\)", "\\[": "\\]"}
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 _LAST_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+(?![\d])|\d+)(?:\.\d+)?(?:/\d+)?")
 
 
+def _first_math_segment(line: str) -> str | None:
+    """Content of the leftmost non-empty ``$$..$$``, ``$..$``, ``\\(..\\)`` or ``\\[..\\]`` in one
+    line (``$$`` preferred over ``$`` at the same place; the closer is the nearest one), or None.
+
+    A lazy regex (``\\\\\\((.+?)\\\\\\)`` and the like) gives the same result, but for every opener
+    that never closes it scans to the end of the line: quadratic on ``\\(\\(\\(...``. Here an
+    opener is rejected in O(1) by comparing its position with the LAST position of its closer,
+    and only the winning opener is scanned for its nearest closer.
+    """
+    last = {c: line.rfind(c) for c in ("$$", "$", "\\)", "\\]")}
+    for m in _SEGMENT_OPENER.finditer(line):
+        i, opener = m.start(), m.group(0)
+        if opener == "$":
+            candidates = (("$$", "$$"), ("$", "$")) if line.startswith("$$", i) else (("$", "$"),)
+        else:
+            candidates = ((opener, _SEGMENT_CLOSER[opener]),)
+        for op, closer in candidates:
+            start = i + len(op)  # the content starts here and holds at least one character
+            if last[closer] > start:
+                return line[start : line.find(closer, start + 1)]
+    return None
+
+
 def _clean_inline(value: str) -> str:
     v = value.strip().strip("*").strip()
-    m = _MATH_SEGMENT.search(v)
-    if m:
-        v = next(g for g in m.groups() if g is not None)
+    segment = _first_math_segment(v)
+    if segment is not None:
+        v = segment
     else:
         m = _SENTENCE_END.search(v)
         if m:
@@ -216,6 +293,8 @@ def _clean_inline(value: str) -> str:
 
 
 def _anchored(text: str) -> tuple[str, str] | None:
+    # Each pattern matches at most once per line (it takes the rest of the line), so all the
+    # captured values together are at most three times the text.
     found = []
     for rule, pattern in _ANCHORS:
         for m in pattern.finditer(text):
@@ -228,9 +307,14 @@ def _anchored(text: str) -> tuple[str, str] | None:
 
 
 def extract_answer(text: str, *, fallback: str = "last_number") -> tuple[str | None, str]:
-    """Return ``(answer, rule)``; ``answer`` is None when nothing is found (rule says why)."""
+    """Return ``(answer, rule)``; ``answer`` is None when nothing is found (rule says why).
+
+    Only the last ``MAX_RESPONSE_CHARS`` characters of ``text`` are examined; the time taken is
+    linear in that (a few milliseconds at most), whatever the text contains.
+    """
     if fallback not in FALLBACKS:
         raise ValueError(f"fallback={fallback!r}: expected one of {', '.join(FALLBACKS)}")
+    text = _window(text)
     box = _last_box(text)
     if box is not None:
         return box
@@ -315,7 +399,7 @@ def _basic(s: str) -> str:
         .replace("\u00b0", "^\\circ")
         .replace("\u03c0", "\\pi ")
     )
-    s = _strip_delimiters(s)
+    s = _strip_outer_braces(_strip_delimiters(s))
     s = _LEFT_RIGHT_DOT.sub("", s)
     s = _SIZE_CMDS.sub("", s)
     s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
@@ -325,16 +409,32 @@ def _basic(s: str) -> str:
 
 
 def _unwrap_whole(s: str) -> tuple[str, bool]:
-    """Remove text wrappers spanning the whole answer: ``\\text{(A)}`` -> ``(A)``."""
+    """Remove text wrappers spanning the whole answer: ``\\text{(A)}`` -> ``(A)``.
+
+    The wrappers are peeled by moving two bounds over one brace table, so a deeply nested
+    ``\\text{\\text{...}}`` costs one pass rather than one pass per level.
+    """
     wrapped = False
+    pairs: dict[int, int] | None = None
+    lo, hi = 0, len(s)  # s[lo:hi] is what remains
     while True:
-        m = _WHOLE_TEXT.match(s)
+        m = _WHOLE_TEXT.match(s, lo, hi)
         if not m:
-            return s, wrapped
-        end = _balanced_group(s, m.end() - 1)
-        if end != len(s) - 1:
-            return s, wrapped
-        s = s[m.end() : end].strip().rstrip(".").strip()
+            return s[lo:hi], wrapped
+        if pairs is None:
+            pairs = _brace_pairs(s)
+        if pairs.get(m.end() - 1) != hi - 1:
+            return s[lo:hi], wrapped
+        lo, hi = m.end(), hi - 1
+        # the same as .strip().rstrip(".").strip() on s[lo:hi]
+        while lo < hi and s[lo].isspace():
+            lo += 1
+        while hi > lo and s[hi - 1].isspace():
+            hi -= 1
+        while hi > lo and s[hi - 1] == ".":
+            hi -= 1
+        while hi > lo and s[hi - 1].isspace():
+            hi -= 1
         wrapped = True
 
 
@@ -490,6 +590,63 @@ def _numbers_agree(g, p) -> bool:
     return abs(a - b) <= 1.5e-6 * max(abs(a), abs(b))
 
 
+def _is_relation(expr) -> bool:
+    """An equation or inequality, or a chain of them (``Eq``, ``<``, ``And`` of those)."""
+    from sympy import And
+    from sympy.core.relational import Relational
+
+    return isinstance(expr, Relational) or (
+        isinstance(expr, And) and any(isinstance(a, Relational) for a in expr.args)
+    )
+
+
+def _chain_sides(expr) -> list | None:
+    """The sides of ``a = b = c`` (parsed as ``Eq`` or an ``And`` of ``Eq``), else None."""
+    from sympy import And, Eq
+
+    if isinstance(expr, Eq):
+        links = [expr]
+    elif isinstance(expr, And) and expr.args and all(isinstance(a, Eq) for a in expr.args):
+        links = list(expr.args)
+    else:
+        return None
+    sides = []
+    for link in links:
+        sides += [link.lhs, link.rhs]
+    return sides
+
+
+def _is_value(expr) -> bool:
+    """A plain value: no variables, no undefined functions (``3``, ``2 + 2``, ``\\sqrt{2}``; not
+    ``x``, ``AB`` or ``f(2)``, which name something)."""
+    from sympy.core.function import AppliedUndef
+
+    try:
+        return not expr.free_symbols and not expr.atoms(AppliedUndef)
+    except Exception:  # noqa: BLE001 - something without sympy's API is not a plain value
+        return False
+
+
+def _false_link(pred, inner_timeout: int) -> str | None:
+    """For an equation chain, a pair of its variable-free sides that differ (``3 = 4``), else None.
+
+    math-verify reads an equation against a non-equation gold by its last right-hand side only,
+    so ``3 = 4`` would count as ``4``: a hedge. Sides that name something (``x``, ``AB``,
+    ``f(2)``) are labels and are not checked; every side that is a plain value must be equal.
+    """
+    from math_verify import verify
+
+    sides = _chain_sides(pred)
+    if sides is None:
+        return None
+    values = list(dict.fromkeys(s for s in sides if _is_value(s)))  # unique, in order
+    for other in values[1:]:
+        same = verify(values[0], other, timeout_seconds=inner_timeout, raise_on_error=True)
+        if not (same and _numbers_agree(values[0], other)):
+            return f"{values[0]} != {other}"
+    return None
+
+
 def _compare(gold: str, pred: str, percent: str, inner_timeout: int) -> tuple[bool, str]:
     """Verdict and detail for one (gold answer, predicted answer) pair of strings."""
     g_basic, p_basic = _basic(gold), _basic(pred)
@@ -531,6 +688,15 @@ def _compare(gold: str, pred: str, percent: str, inner_timeout: int) -> tuple[bo
         return False, f"timeout parsing answer: {shown}"
     if p is None:
         return False, f"answer not parseable: {shown}"
+    if not _is_relation(g):  # a gold equation or inequality is left to math-verify as it is
+        try:
+            bad = _false_link(p, inner_timeout)
+        except TimeoutException:
+            return False, f"timeout checking equation chain: {shown}"
+        except Exception as e:  # noqa: BLE001
+            return False, f"equation chain check error {type(e).__name__}: {shown}"
+        if bad is not None:
+            return False, f"false equation chain ({bad}): {shown}"
     try:
         ok = verify(g, p, timeout_seconds=inner_timeout, raise_on_error=True)
     except TimeoutException:
@@ -585,16 +751,37 @@ def _worker_main(read_fd: int, write_fd: int, memory_mb: int) -> None:
     outbox.send(("ready",))
     while True:
         try:
-            gold, pred, percent, inner = inbox.recv()
+            response, gold, fallback, percent, inner = inbox.recv()
         except (EOFError, OSError):
             return
+        # Two replies: the extraction first, so that the caller still knows the answer when the
+        # comparison after it has to be killed; then the verdict.
         try:
-            ok, detail = _compare(gold, pred, percent, inner)
+            answer, rule = extract_answer(response, fallback=fallback)
+            failed = None
         except MemoryError:
-            ok, detail = False, "memory limit exceeded"
+            answer, rule, failed = None, "extraction_error", "memory limit exceeded during extraction"
         except Exception as e:  # noqa: BLE001
-            ok, detail = False, f"error {type(e).__name__}"
-        outbox.send((ok, detail))
+            answer, rule, failed = None, "extraction_error", f"extraction error {type(e).__name__}"
+        outbox.send((answer, rule))
+        outbox.send((False, failed) if failed else _judge(answer, gold, percent, inner))
+
+
+def _judge(answer: str | None, gold: str, percent: str, inner: int) -> tuple[bool, str]:
+    """Verdict and detail for an extracted answer (runs in the worker)."""
+    if answer is None:
+        return False, "no answer extracted"
+    try:
+        gold_answer = _gold_answer(gold)
+        if not gold_answer:
+            return False, "empty gold answer"
+        if len(answer) > MAX_ANSWER_CHARS:
+            return False, f"answer longer than {MAX_ANSWER_CHARS} characters"
+        return _compare(gold_answer, answer, percent, inner)
+    except MemoryError:
+        return False, "memory limit exceeded"
+    except Exception as e:  # noqa: BLE001
+        return False, f"error {type(e).__name__}"
 
 
 class _Worker:
@@ -629,19 +816,28 @@ class _Worker:
             self.kill()
             raise RuntimeError("math reward worker exited during start-up (is math-verify installed?)") from e
 
-    def compare(self, gold: str, pred: str, percent: str, timeout: float) -> tuple[bool, str]:
-        """(equal, detail). After a timeout or a crash the worker is killed and the pair is wrong."""
+    def score(self, response: str, gold: str, fallback: str, percent: str, timeout: float) -> MathResult:
+        """Extraction and verdict within ``timeout`` s in all; past it the worker is killed and the
+        response scores 0 (rule ``"extraction_timeout"`` if not even the extraction came back)."""
         inner = max(1, int(timeout / 3))  # math-verify's alarms take whole seconds
+        deadline = time.monotonic() + timeout
+        answer, rule = None, None  # rule stays None until the extraction has come back
         try:
-            self.outbox.send((gold, pred, percent, inner))
+            self.outbox.send((response, gold, fallback, percent, inner))
             if self.inbox.poll(timeout):
-                ok, detail = self.inbox.recv()
-                return bool(ok), detail
-            reason = f"timeout: no verdict within {timeout:g} s (worker killed)"
+                answer, rule = self.inbox.recv()
+                if self.inbox.poll(max(0.0, deadline - time.monotonic())):
+                    ok, detail = self.inbox.recv()
+                    return MathResult(1.0 if ok else 0.0, bool(ok), answer, rule, detail)
+                reason = f"timeout: no verdict within {timeout:g} s (worker killed)"
+            else:
+                rule = "extraction_timeout"
+                reason = f"timeout: no answer extracted within {timeout:g} s (worker killed)"
         except (EOFError, OSError) as e:
+            rule = rule or "extraction_error"
             reason = f"worker died ({type(e).__name__}, exit code {self.proc.poll()})"
         self.kill()
-        return False, reason
+        return MathResult(0.0, False, answer, rule, reason)
 
     @property
     def alive(self) -> bool:
@@ -742,27 +938,22 @@ def score_math(
 ) -> MathResult:
     """Score one response against one gold answer (reward 1.0 if equivalent, else 0.0).
 
-    ``timeout`` (seconds) bounds the equivalence check: the call returns within about that time
-    (plus a one-off worker start-up) whatever the expressions are.
+    ``timeout`` (seconds) bounds the extraction and the equivalence check together: the call
+    returns within about that time (plus a one-off worker start-up) whatever the response is.
     """
     if percent not in PERCENT_POLICIES:
         raise ValueError(f"percent={percent!r}: expected one of {', '.join(PERCENT_POLICIES)}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback={fallback!r}: expected one of {', '.join(FALLBACKS)}")
     if not (timeout and timeout > 0):
         raise ValueError(f"timeout={timeout!r}: expected a positive number of seconds")
-    answer, rule = extract_answer(response, fallback=fallback)
-    if answer is None:
-        return MathResult(0.0, False, None, rule, "no answer extracted")
-    gold_answer = _gold_answer(gold)
-    if not gold_answer:
-        return MathResult(0.0, False, answer, rule, "empty gold answer")
-    if len(answer) > MAX_ANSWER_CHARS:
-        return MathResult(0.0, False, answer, rule, f"answer longer than {MAX_ANSWER_CHARS} characters")
+    # Extraction happens in the worker, under the same time limit as the comparison, so that no
+    # response can hold the caller; only the examined tail of the response is sent there.
     worker = _acquire()
     try:
-        ok, detail = worker.compare(gold_answer, answer, percent, float(timeout))
+        return worker.score(_window(response), str(gold), fallback, percent, float(timeout))
     finally:
         _release(worker)
-    return MathResult(1.0 if ok else 0.0, ok, answer, rule, detail)
 
 
 def score_math_many(

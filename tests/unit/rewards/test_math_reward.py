@@ -100,6 +100,11 @@ TABLE = [
     (r"\boxed{5}", "x=5", True),
     (r"\boxed{x = 6}", "5", False),
     (r"\boxed{y = 2x + 3}", "y=3+2x", True),
+    # --- equation chains are checked as a whole (a false chain is not its last side) -------
+    (r"\boxed{3 = 4}", "4", False),
+    (r"\boxed{2 + 2 = 4}", "4", True),
+    (r"\boxed{x = 2 + 2 = 5}", "5", False),
+    (r"\boxed{x = 2 + 2 = 4}", "4", True),
     # --- thousands separators --------------------------------------------------------------
     (r"\boxed{1,000}", "1000", True),
     (r"\boxed{1000}", "1{,}000", True),
