@@ -4,8 +4,8 @@
 ``memory_mb``, and pages of a memfd or a tmpfs file are outside it altogether.  A memory cgroup
 counts everything the program's processes charge: their anonymous memory, and the shmem pages
 of memfds, ``/tmp`` and ``/dev/shm``.  J creates one per sandbox, under its own cgroup (the
-unified hierarchy, v2, or the v1 ``memory`` controller, whichever is writable), C joins it
-before it forks S, and J removes it when the sandbox ends.  Where neither is available (no
+unified hierarchy, v2, or the v1 ``memory`` controller, whichever is writable), moves S into
+it before S receives the program, and removes it when the sandbox ends.  Where neither is available (no
 write access, no controller), the report says ``memory_scope: "per-process"``: the limits are
 then RLIMIT_AS per process, RLIMIT_NPROC on the number of processes, RLIMIT_FSIZE on every
 file and memfd, and the tmpfs sizes.
@@ -140,9 +140,9 @@ class MemoryCgroup:
             if os.path.exists(memsw):  # swap accounting: memory + swap, the same limit
                 _write(memsw, str(limit_bytes))
 
-    def join(self):
-        """Move the calling process (and so everything it forks later) into the cgroup."""
-        _write(os.path.join(self.path, "cgroup.procs"), "0")
+    def add(self, pid):
+        """Move process ``pid`` (and so everything it forks later) into the cgroup."""
+        _write(os.path.join(self.path, "cgroup.procs"), str(pid))
 
     def oom_kills(self):
         """How many of the program's processes the kernel killed for exceeding the limit."""

@@ -72,8 +72,7 @@ class _Sandbox:
                 os.dup2(null, 0)
                 os.dup2(null, 1)  # J's result pipe to P must not stay open in C
                 os.close(null)
-                _intermediary(spec, judge_pid, to_r, fr_w, info_w, self.uid, self.workdir,
-                              self.cgroup)
+                _intermediary(spec, judge_pid, to_r, fr_w, info_w, self.uid, self.workdir)
             except BaseException:  # noqa: BLE001
                 try:
                     import traceback
@@ -96,7 +95,7 @@ class _Sandbox:
             os.close(info_r)
             self.pid_u = int(info["pid"])
             self.protections.update(info["report"])
-            self.protections["errors"] = cgroup_errors + self.protections.get("errors", [])
+            self._enter_cgroup(cgroup_errors)
             boot = _recv(fr_r, deadline, cap=1 << 20)
             if boot.get("t") != "boot":
                 raise _Protocol(f"{boot.get('error', boot)}")
@@ -110,6 +109,22 @@ class _Sandbox:
         except (_Timeout, _Eof, _TooBig, _Protocol, OSError, ValueError, KeyError) as exc:
             self.kill()
             raise _InfraError(f"sandbox failed to start ({type(exc).__name__}: {exc})") from None
+
+    def _enter_cgroup(self, errors):
+        """Move S into the memory cgroup while it sets itself up (a move takes milliseconds;
+        done here it overlaps S's start).  The program arrives only after it, so everything
+        the program and its children allocate is charged there."""
+        self.protections.update(memory_cgroup=False, memory_scope="per-process")
+        if self.cgroup is not None:
+            try:
+                self.cgroup.add(self.pid_u)
+                self.protections.update(memory_cgroup=f"v{self.cgroup.version}",
+                                        memory_scope="all-processes")
+            except OSError as exc:
+                errors.append(f"memory cgroup: {exc.strerror}")
+                self.cgroup.remove()
+                self.cgroup = None
+        self.protections["errors"] = errors + self.protections.get("errors", [])
 
     def memory_exceeded(self):
         """True once after the kernel killed one of the program's processes for exceeding the
@@ -222,9 +237,8 @@ class _Sandbox:
             self.workdir = None
 
 
-def _intermediary(spec, judge_pid, to_r, fr_w, info_w, uid, workdir, cgroup):
-    """C: join the memory cgroup, create namespaces, fork S, report S's pid, wait for S, exit
-    with its status."""
+def _intermediary(spec, judge_pid, to_r, fr_w, info_w, uid, workdir):
+    """C: create namespaces, fork S, report S's pid, wait for S, exit with its status."""
     try:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
@@ -233,14 +247,7 @@ def _intermediary(spec, judge_pid, to_r, fr_w, info_w, uid, workdir, cgroup):
         os._exit(1)
     report = {"pid_namespace": False, "mount_namespace": False, "network_namespace": False,
               "ipc_namespace": False, "uts_namespace": False, "user_namespace": False,
-              "isolation": spec["isolation"], "errors": [], "memory_cgroup": False,
-              "memory_scope": "per-process"}
-    if cgroup is not None:
-        try:
-            cgroup.join()
-            report.update(memory_cgroup=f"v{cgroup.version}", memory_scope="all-processes")
-        except OSError as exc:
-            report["errors"].append(f"join memory cgroup: {exc.strerror}")
+              "isolation": spec["isolation"], "errors": []}
     rest = _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC | _CLONE_NEWUTS
     ns_mode = "none"
     if spec["isolation"] == "auto":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import struct
 import sys
 
 from .syscalls import (
@@ -95,6 +96,97 @@ def _shared_libraries(binaries):
     return found
 
 
+def _elf_needed(path):
+    """(DT_NEEDED names, DT_RUNPATH/DT_RPATH directories) of a 64-bit little-endian ELF file,
+    read from its dynamic section; None for anything else (the caller then asks ``ldd``)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as fh:
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        return _parse_dynamic(data, path)
+    except (ValueError, IndexError, struct.error):
+        return None
+    finally:
+        data.close()
+
+
+def _parse_dynamic(data, path):
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    loads, dynamic = [], None
+    for i in range(phnum):
+        p_type, _, p_offset, p_vaddr, _, p_filesz, _, _ = struct.unpack_from(
+            "<IIQQQQQQ", data, phoff + i * phentsize)
+        if p_type == 1:  # PT_LOAD
+            loads.append((p_vaddr, p_offset, p_filesz))
+        elif p_type == 2:  # PT_DYNAMIC
+            dynamic = (p_offset, p_filesz)
+    if dynamic is None:
+        return [], []
+    entries = []
+    for off in range(dynamic[0], dynamic[0] + dynamic[1], 16):
+        tag, val = struct.unpack_from("<qQ", data, off)
+        if tag == 0:
+            break
+        entries.append((tag, val))
+    strtab = next((v for t, v in entries if t == 5), None)  # DT_STRTAB, a virtual address
+    base = next((off + strtab - va for va, off, size in loads if va <= strtab < va + size), None) \
+        if strtab is not None else None
+    if base is None:
+        return None
+
+    def string(offset):
+        end = data.find(b"\0", base + offset)
+        return data[base + offset:end].decode("utf-8", "replace")
+
+    needed = [string(v) for t, v in entries if t == 1]  # DT_NEEDED
+    origin = os.path.dirname(os.path.realpath(path))
+    runpath = [d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin)
+               for t, v in entries if t in (15, 29) for d in string(v).split(":") if d]
+    return needed, runpath
+
+
+def _shared_libraries_fast(interpreter, modules):
+    """The libraries of ``interpreter`` (``ldd``: one call) and of the extension ``modules``
+    (their ELF dynamic sections, looked up in the interpreter's library directories and their
+    own run paths; ``ldd`` only for a module whose libraries are not found so)."""
+    libs = _shared_libraries([interpreter])
+    if libs is None:
+        return None
+    dirs = sorted({os.path.dirname(p) for p in libs})
+    unresolved, queue, seen = [], list(modules), set()
+    while queue:  # the modules, then every library they need, transitively
+        path = queue.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        info = _elf_needed(path)
+        if info is None:
+            unresolved.append(path)
+            continue
+        needed, runpath = info
+        for name in needed:
+            hit = next((os.path.join(d, name) for d in runpath + dirs
+                        if os.path.exists(os.path.join(d, name))), None)
+            if hit is None:
+                unresolved.append(path)
+                break
+            libs.add(hit)
+            queue.append(hit)
+    if unresolved:
+        more = _shared_libraries(unresolved)
+        if more is None:
+            return None
+        libs |= more
+    return libs
+
+
 def _package_paths(names):
     """Host paths of the named top-level packages, and the directories to put on sys.path."""
     import importlib.util
@@ -152,10 +244,8 @@ def view_plan(site_packages=False):
     elif site_packages:
         pkg_paths, python_path = _package_paths(tuple(site_packages))
         wanted += pkg_paths
-    binaries = [os.path.realpath(exe)]
-    for d in stdlib:
-        binaries += glob.glob(os.path.join(d, "lib-dynload", "*.so"))
-    libs = _shared_libraries(binaries)
+    modules = sorted(m for d in stdlib for m in glob.glob(os.path.join(d, "lib-dynload", "*.so")))
+    libs = _shared_libraries_fast(os.path.realpath(exe), modules)
     if libs is None:  # no ldd: the usual library directories instead
         libs = [p for p in ("/lib", "/lib64", "/usr/lib", "/usr/lib64") if os.path.isdir(p)]
     else:
