@@ -145,12 +145,14 @@ _JSON_INT = 1 << 63
 
 
 class _Budget:
-    """Counts the elements of one value against ``_MAX_ITEMS``."""
+    """Counts the elements of one value against ``_MAX_ITEMS``; the judge side also collects
+    the numbers whose hash an attacker can choose (see :func:`_check_collisions`)."""
 
-    __slots__ = ("left",)
+    __slots__ = ("left", "numbers")
 
     def __init__(self):
         self.left = _MAX_ITEMS
+        self.numbers = []
 
     def take(self, n):
         self.left -= n
@@ -266,21 +268,51 @@ def _encode_result(v):
     return _encode(v, lenient=True)
 
 
-def _decode(o, refs=None, depth=0, budget=None):
+# Distinct numbers sharing one hash make every set or dict built from them quadratic (in C, where
+# no signal interrupts it): ints are hashed modulo 2**61 - 1, so k * (2**61 - 1) all hash to 0.
+_HASH_MODULUS = (1 << 61) - 1
+_MAX_COLLIDING = 1000
+
+
+def _check_collisions(numbers):
+    if len(numbers) <= _MAX_COLLIDING:
+        return
+    import collections
+
+    for h, count in collections.Counter(map(hash, numbers)).items():
+        if count > _MAX_COLLIDING:
+            group = sorted(x for x in numbers if hash(x) == h)
+            distinct = 1 + sum(a != b for a, b in zip(group, group[1:]))
+            if distinct > _MAX_COLLIDING:
+                raise _OverBound(f"{distinct} distinct numbers share one hash value")
+
+
+def _decode(o, refs=None):
     """Decode a value encoded by :func:`_encode`, within the same bounds.  Builds only built-in
     types (and Fraction, Decimal).  ``refs`` resolves ``ref`` tags (sandbox side) to program
     objects.  A value over a bound raises :class:`_OverBound`, a malformed one ValueError."""
+    budget = _Budget()
+    value = _decode_node(o, refs, 0, budget)
+    _check_collisions(budget.numbers)
+    return value
+
+
+def _decode_node(o, refs, depth, budget):
     if depth > _MAX_DEPTH:
         raise _OverBound("value nested too deeply")
-    if budget is None:
-        budget = _Budget()
     t = type(o)
-    if o is None or t is bool or t is str or t is float:
+    if o is None or t is bool or t is str:
+        return o
+    if t is float:
+        if abs(o) >= _HASH_MODULUS:
+            budget.numbers.append(o)
         return o
     if t is int:
+        if abs(o) >= _HASH_MODULUS:
+            budget.numbers.append(o)
         return _check_int(o)
     d = depth + 1
-    dec = lambda x: _decode(x, refs, d, budget)  # noqa: E731
+    dec = lambda x: _decode_node(x, refs, d, budget)  # noqa: E731
     if t is list:
         budget.take(len(o))
         return [dec(x) for x in o]
@@ -295,7 +327,9 @@ def _decode(o, refs=None, depth=0, budget=None):
             if type(p) is str and len(p) > _MAX_INT_BITS // 4 + 1:  # before int() parses it
                 raise _OverBound(f"integer over the limit of {_MAX_INT_BITS:,} bits")
     if tag == "int":
-        return _check_int(int(v, 16))
+        n = _check_int(int(v, 16))
+        budget.numbers.append(n)
+        return n
     if tag == "float":
         if v not in ("nan", "inf", "-inf"):
             raise ValueError("bad float")
@@ -319,7 +353,7 @@ def _decode(o, refs=None, depth=0, budget=None):
     if tag == "bytearray":
         return bytearray.fromhex(v)
     if tag == "complex":
-        re_, im = (_decode(x, refs, d, budget) for x in v)
+        re_, im = (dec(x) for x in v)
         if type(re_) is not float or type(im) is not float:
             raise ValueError("bad complex")
         return complex(re_, im)
@@ -338,9 +372,14 @@ def _decode(o, refs=None, depth=0, budget=None):
         import fractions
 
         num, den = (_check_int(int(x, 16)) for x in v)
-        return fractions.Fraction(num, den)  # normalised: a gcd of bounded integers
+        q = fractions.Fraction(num, den)  # normalised: a gcd of bounded integers
+        budget.numbers.append(q)
+        return q
     if tag == "decimal":
-        return _check_decimal(v)
+        q = _check_decimal(v)
+        if q.is_finite():
+            budget.numbers.append(q)
+        return q
     if tag == "ref" and refs is not None and type(v) is str:
         return refs(v)
     raise ValueError(f"unknown tag {tag!r}")

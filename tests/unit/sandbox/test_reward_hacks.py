@@ -194,6 +194,8 @@ def test_site_packages_setting_is_checked():
     ("10**100000", "assert f() % 7 == 3", "bits"),
     ("Decimal('1e999999999')", "assert int(f()) > 0", "exponent"),
     ("[[0] * 2000 for _ in range(2000)]", "assert len(f()) == 2000", "elements"),
+    # distinct ints that all hash to 0: a set of them is quadratic, in C
+    ("[k * (2**61 - 1) for k in range(1, 50001)]", "assert len(set(f())) == 50000", "hash"),
 ])
 def test_oversized_values_fail_the_test_not_the_judge(caps, returned, test, why):
     program = f"from fractions import Fraction\nfrom decimal import Decimal\n" \
@@ -209,12 +211,14 @@ def test_values_under_the_bounds_still_cross(caps):
     program = prog("""
         from fractions import Fraction
         def f():
-            return range(10), Fraction(2**100, 3**50), 2**4000, list(range(100000)), iter([1, 2])
+            return (range(10), Fraction(2**100, 3**50), 2**4000, list(range(100000)), iter([1, 2]),
+                    [2**64 + k for k in range(5000)] + [2**70] * 5000)
     """)
     tests = CodeTests("function", asserts=(
-        "r, q, big, xs, it = f()\n"
+        "r, q, big, xs, it, bigs = f()\n"
         "assert r == range(10) and q == __import__('fractions').Fraction(2**100, 3**50)\n"
-        "assert big == 2**4000 and sum(xs) == 4999950000 and list(it) == [1, 2]",))
+        "assert big == 2**4000 and sum(xs) == 4999950000 and list(it) == [1, 2]\n"
+        "assert len(set(bigs)) == 5001",))
     r = score_code(program, tests, limits=QUICK)
     assert statuses(r) == ["passed"], r.verdicts
 
