@@ -68,7 +68,6 @@ def _remote_exception(payload):
     bases = _builtin_bases(payload)
     if any(b.__name__ in _CONTROL_FLOW for b in bases):
         bases = [RuntimeError]
-        msg = f"{name} raised by the program: {msg}".rstrip(": ")
     safe_name = name if name.isidentifier() else "SandboxedException"
     cls = _remote_class(safe_name, tuple(bases) or (Exception,))
     exc = None
