@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import types
@@ -29,6 +30,16 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _warnings_to_stderr(command: str):
+    """A handler printing the library's warnings (e.g. a resume that skips an incomplete
+    checkpoint) to stderr, one line each; the caller removes it when the command ends."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"tracerl {command}: warning: %(message)s"))
+    logging.getLogger("tracerl").addHandler(handler)
+    return handler
+
+
 def _emit_json(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
@@ -39,7 +50,7 @@ _SAMPLING_FROM_FLAGS = "return_logprobs"  # not an option of its own: generate -
 
 def _option_kwargs(tp) -> dict:
     """argparse keywords for a config field annotated ``tp`` (``X | None`` as ``X``)."""
-    import yaml
+    from tracerl.config import parse_yaml
 
     args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
         typing.Union, types.UnionType) else [tp]
@@ -52,8 +63,8 @@ def _option_kwargs(tp) -> dict:
         item = (typing.get_args(base) or (str,))[0]
         if item in (int, float, str):
             return {"nargs": "*", "type": item, "metavar": item.__name__.upper()}
-        return {"nargs": "*", "type": yaml.safe_load, "metavar": "VALUE"}
-    return {"type": yaml.safe_load, "metavar": "VALUE"}  # one YAML value, as in a key=value override
+        return {"nargs": "*", "type": parse_yaml, "metavar": "VALUE"}
+    return {"type": parse_yaml, "metavar": "VALUE"}  # one YAML value, as in a key=value override
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -102,9 +113,9 @@ def _encode_prompt(model, text: str, chat: bool) -> list[int]:
 
 def _generate_one(args: argparse.Namespace, return_logprobs: bool = False):
     from tracerl.generation import generate
-    from tracerl.models import load_model
+    from tracerl.models import check_finite, load_model
 
-    model = load_model(args.model, device=args.device)
+    model = check_finite(load_model(args.model, device=args.device), args.model)
     config = _sampling_config(args, return_logprobs)
     prompt_ids = _encode_prompt(model, args.prompt, args.chat)
     return model, generate(model, [prompt_ids], config)[0]
@@ -175,11 +186,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         "tokenizer_size": len(model.tokenizer),
         "mask_token": model.tokenizer.convert_ids_to_tokens(model.mask_token_id),
         "max_positions": model.max_positions,
+        "nonfinite_parameters": model.nonfinite_parameters(),  # tensors with NaN/inf: it cannot generate
     }
     if args.json:
         _emit_json(info)
     else:
         for k, v in info.items():
+            if k == "nonfinite_parameters":
+                v = f"{len(v)}: {', '.join(v)}" if v else "none"
             print(f"{k:16s} {v}")
     return 0
 
@@ -196,11 +210,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHOWN_SKIPS = 20  # skipped rows listed on stderr (the summary and the output hold them all)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from tracerl.recipes.score import score_file
 
     summary = score_file(args.task, args.input, args.output, skip_bad_rows=args.skip_bad_rows,
                          workers=args.workers, answer_field=args.answer_field)
+    skipped = summary["skipped_rows"]
+    for reason in skipped[:_SHOWN_SKIPS]:
+        print(f"tracerl score: skipped {reason}", file=sys.stderr)
+    if len(skipped) > _SHOWN_SKIPS:
+        print(f"tracerl score: ... and {len(skipped) - _SHOWN_SKIPS} more skipped rows (all in the output's "
+              "'error' fields)", file=sys.stderr)
     if args.json:
         _emit_json(summary)
     else:
@@ -463,11 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         args.parser.error(f"give a config file or key=value overrides (`tracerl config {args.command}` "
                           "prints the defaults)")
     _quiet_libraries()
+    warnings_handler = _warnings_to_stderr(args.command)
     try:
         return args.func(args)
     except TracerlError as e:
         print(f"tracerl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        logging.getLogger("tracerl").removeHandler(warnings_handler)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,57 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from yaml.composer import ComposerError
 
 from tracerl.errors import ConfigError
+from tracerl.files import read_utf8
 
 T = TypeVar("T")
+
+MAX_YAML_VALUES = 100_000  # values a YAML document may hold once its aliases are expanded
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader with a budget on aliases.  An alias is cheap to parse (the loaded value shares
+    the anchored object) but every walk over the config (merging, type checks, ``asdict``, JSON)
+    expands it: 1 KB of nested aliases ("billion laughs") expands to 10**9 values and hangs the
+    command.  Each alias adds the expanded size of the node it repeats; past ``MAX_YAML_VALUES``
+    the document is refused at the line of that alias."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> values in it, aliases expanded
+        self._expanded = 0
+
+    def _size(self, node: yaml.Node) -> int:
+        if id(node) not in self._sizes:
+            if isinstance(node, yaml.ScalarNode):
+                size = 1
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._size(child) for child in node.value)
+            else:
+                size = 1 + sum(self._size(k) + self._size(v) for k, v in node.value)
+            self._sizes[id(node)] = size
+        return self._sizes[id(node)]
+
+    def compose_node(self, parent, index):
+        if not self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        node = super().compose_node(parent, index)
+        if not isinstance(node, yaml.ScalarNode) and node.end_mark is None:  # still being composed
+            raise ComposerError(None, None, "an alias inside its own anchor (a recursive "
+                                "value) is not supported", mark)
+        self._expanded += self._size(node)
+        if self._expanded > MAX_YAML_VALUES:
+            raise ComposerError(None, None, f"aliases expand to more than {MAX_YAML_VALUES} values "
+                                "(an alias bomb?); write the values out", mark)
+        return node
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` with a budget on alias expansion (see ``_BoundedLoader``)."""
+    return yaml.load(text, Loader=_BoundedLoader)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -37,7 +84,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -137,6 +184,21 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
+def _qualified(message: str, cls: type, prefix: str) -> str:
+    """A section's own check names its key relative to itself ("seed: ..." or, naming itself,
+    "task.seed: ..."); give the key in full where the section sits at ``prefix``
+    ("data.task.seed: ...").  Other messages are left as they are."""
+    if not prefix:
+        return message
+    first = message.split(":", 1)[0].split(".", 1)[0].split(" ", 1)[0]
+    section = prefix.rstrip(".").split(".")
+    if first in {f.name for f in dataclasses.fields(cls)}:
+        return prefix + message
+    if first == section[-1] and len(section) > 1:
+        return ".".join(section[:-1]) + "." + message
+    return message
+
+
 def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -159,7 +221,7 @@ def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {_qualified(str(e), cls, prefix)}") from None
     except TypeError as e:  # a required key is missing
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
 
@@ -174,7 +236,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = parse_yaml(read_utf8(path, ConfigError))
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""

@@ -8,10 +8,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tracerl.errors import TracerlError
+from tracerl.files import AtomicFile, utf8_problem
 
 
 class DataError(TracerlError):
     """A data row that cannot be used: names file, line and field."""
+
+
+class BadLine(DataError):
+    """A line that is not a JSON value (bad bytes, invalid JSON); ``text``: the line as read,
+    undecodable bytes replaced, so a report can show it."""
+
+    def __init__(self, message: str, text: str) -> None:
+        super().__init__(message)
+        self.text = text
 
 
 @dataclass
@@ -37,17 +47,26 @@ def check_field(row: dict, name: str, types: type | tuple[type, ...], where: str
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` per non-blank line; a line that is not UTF-8 JSON comes as a
+    ``BadLine`` in place of the value (the caller decides: stop, or skip and report)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    offset = 0  # of the line in the file, for the byte offset of bad bytes
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            problem = utf8_problem(raw, str(path), line_no, start)
+            if problem:
+                yield line_no, BadLine(problem, text)
                 continue
             try:
-                yield line_no, json.loads(line)
+                yield line_no, json.loads(text)
             except json.JSONDecodeError as e:
-                yield line_no, DataError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})")
+                yield line_no, BadLine(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})", text)
 
 
 def read_jsonl(path: str | Path, validate=None, *, skip_bad_rows: bool = False) -> Rows:
@@ -75,12 +94,14 @@ def read_jsonl(path: str | Path, validate=None, *, skip_bad_rows: bool = False) 
     return out
 
 
+def write_rows(out: AtomicFile, rows) -> None:
+    """Write one JSON object per line into an open ``AtomicFile`` (its owner commits it)."""
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def write_jsonl(path: str | Path, rows) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    """One JSON object per line, written atomically (tracerl/files.py)."""
+    with AtomicFile(path) as out:
+        write_rows(out, rows)
+    return out.path

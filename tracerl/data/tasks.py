@@ -16,13 +16,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from tracerl.data.jsonl import DataError, check_field, read_jsonl
-from tracerl.errors import ConfigError
+from tracerl.errors import ConfigError, brief
+from tracerl.files import read_utf8
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("gym", "humaneval", "jsonl", "datasets")
 KINDS = ("math", "code", "gym")
@@ -67,6 +71,8 @@ class TaskConfig:
             raise ConfigError(f"task.size: must be >= 0, got {self.size}")
         if self.skip < 0:
             raise ConfigError(f"task.skip: must be >= 0, got {self.skip}")
+        if not 0 <= self.seed < 2**31:  # some reasoning-gym generators seed numpy with seed + index
+            raise ConfigError(f"task.seed: must be in [0, 2**31), got {self.seed}")
         if self.kind is not None and self.kind not in ("math", "code"):
             raise ConfigError(f"task.kind: {self.kind!r}; valid: math, code")
 
@@ -230,6 +236,7 @@ def _jsonl_problems(config: TaskConfig) -> list[Problem]:
             validate_code_row(row, where, config.question_field)
 
     data = read_jsonl(config.name, validate, skip_bad_rows=config.skip_bad_rows)
+    _report_skipped(config.name, [reason for _, reason in data.skipped])
     problems = [problem_from_row(row, kind_of(row), f"{Path(config.name).name}:{line}", config)
                 for line, row in data.rows]
     return problems[: config.size] if config.size else problems
@@ -244,8 +251,13 @@ def _datasets_problems(config: TaskConfig) -> list[Problem]:
     fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
     if fmt is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet")
-    ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    problems = []
+    if fmt != "parquet":
+        read_utf8(path, DataError)  # bad bytes: name the line and offset (datasets logs and wraps them)
+    try:
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps a parse failure in its own error types
+        raise DataError(f"{path}: cannot read it as {fmt}: {brief(e)}") from None
+    problems, skipped = [], []
     for i, row in enumerate(ds):
         where = f"{path}: row {i + 1}"
         kind = config.kind or _detect_kind(row)
@@ -254,12 +266,21 @@ def _datasets_problems(config: TaskConfig) -> list[Problem]:
                 validate_math_row(row, where, config.question_field, config.answer_field)
             else:
                 validate_code_row(row, where, config.question_field)
-        except DataError:
+        except DataError as e:
             if config.skip_bad_rows:
+                skipped.append(str(e))
                 continue
             raise
         problems.append(problem_from_row(dict(row), kind, f"{path.name}:{i + 1}", config))
+    _report_skipped(config.name, skipped)
     return problems[: config.size] if config.size else problems
+
+
+def _report_skipped(name: str, reasons: list[str], shown: int = 5) -> None:
+    """task.skip_bad_rows: the rows left out are said, not silently lost (each reason names its line)."""
+    if reasons:
+        more = f"; and {len(reasons) - shown} more" if len(reasons) > shown else ""
+        log.warning("task %s: skipped %d bad row(s): %s%s", name, len(reasons), "; ".join(reasons[:shown]), more)
 
 
 def problem_to_dict(p: Problem) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from tracerl.data.tasks import Problem, TaskConfig
 from tracerl.errors import ConfigError
 from tracerl.generation import SamplingConfig
+from tracerl.generation.seeds import check_seed_value
 from tracerl.rollout import base_seed, prompts_for, rollout
 
 
@@ -34,8 +35,7 @@ class EvalConfig:
             raise ConfigError(f"k: pass@{bad[0]} needs 1 <= k <= n = {self.n}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
-        if self.seed < 0:
-            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        self.seed = check_seed_value(self.seed, "seed")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

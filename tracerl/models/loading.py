@@ -21,6 +21,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from tracerl.devices import check_device
 from tracerl.errors import CheckpointError
+from tracerl.files import read_utf8
 from tracerl.models.family import DiffusionSpec
 from tracerl.models.layouts import Layout, layout_for_model_type
 from tracerl.models.model import DiffusionLM
@@ -90,7 +91,7 @@ def _read_config(folder: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a model folder needs a config.json")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_utf8(path, CheckpointError))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict):
@@ -120,6 +121,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> DiffusionLM:
         raise
     except Exception as e:  # transformers validates fields strictly (types, layer_types length)
         raise CheckpointError(f"{where}: invalid {layout.name} config: {type(e).__name__}: {e}") from None
+    _check_token_ids(config, where)
     tokenizer = _load_tokenizer(folder)
     backbone = _load_weights(folder, model_cls, config, layout, dtype)
 
@@ -128,6 +130,22 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> DiffusionLM:
     else:
         check_mask_token_id(tokenizer, spec.mask_token_id, backbone.get_input_embeddings().weight.shape[0], where)
     return DiffusionLM(backbone, tokenizer, spec)
+
+
+def _check_token_ids(config, where: str) -> None:
+    """Every special token id of the config must have an embedding row (an id past
+    ``vocab_size`` fails deep in torch, e.g. as an ``AssertionError`` on the padding row).  The
+    mask id is checked against the loaded table by ``check_mask_token_id``."""
+    vocab = config.vocab_size
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise CheckpointError(f"{where}: vocab_size must be a positive integer, got {vocab!r}")
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, key, None)
+        for token_id in value if isinstance(value, (list, tuple)) else [value]:
+            # (negative ids pass: Llama-1 configs say pad_token_id -1, which torch reads as the last row)
+            if isinstance(token_id, int) and token_id >= vocab:
+                raise CheckpointError(f"{where}: {key}={token_id} is not below vocab_size={vocab} "
+                                      f"(token ids are 0..{vocab - 1}); fix vocab_size or {key}")
 
 
 def _load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:

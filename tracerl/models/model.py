@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tracerl import masks
+from tracerl.errors import CheckpointError
 from tracerl.models.family import DiffusionSpec
 
 BACKBONE_TYPES = ("llama", "qwen2", "qwen3")
@@ -157,6 +158,21 @@ class DiffusionLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.backbone.parameters())
+
+    def nonfinite_parameters(self) -> list[str]:
+        """Names of the backbone tensors holding a NaN or an infinity (a diverged or damaged
+        checkpoint: it loads, but every logit it produces is NaN)."""
+        return [name for name, p in self.backbone.named_parameters() if not torch.isfinite(p).all()]
+
+
+def check_finite(model: DiffusionLM, where: str) -> DiffusionLM:
+    """``model``, if every weight is finite; else a ``CheckpointError`` naming the tensors."""
+    bad = model.nonfinite_parameters()
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CheckpointError(f"{where}: non-finite weights (NaN or inf) in {shown}; the model cannot generate "
+                              "(restore an earlier checkpoint)")
+    return model
 
 
 @contextlib.contextmanager

@@ -16,13 +16,14 @@ Output folder layout::
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig, periodic_eval
+from tracerl.files import write_json
+from tracerl.generation.seeds import check_seed_value
 from tracerl.recipes.rl import check_rl_config, run_rl
 from tracerl.recipes.sft import SFTConfig, run_sft
 from tracerl.rl.config import RLConfig
@@ -50,8 +51,7 @@ def load_quickstart_config(path: str | Path | None = None, overrides: list[str] 
 def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
     """Wire the phases together: one seed, one held-out set (the RL model is the SFT run's final
     checkpoint, known once SFT has stopped)."""
-    if config.seed < 0:
-        raise ConfigError(f"seed: must be >= 0, got {config.seed}")
+    check_seed_value(config.seed, "seed")
     out = Path(config.output_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output_dir {out} is not empty; choose another --out (a quickstart starts fresh)")
@@ -76,7 +76,7 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
     sft_config, rl_config = _prepare(config)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_json(out / "config.json", asdict(config))
 
     stop = f" or until validation accuracy {sft_config.eval.stop_at}" if sft_config.eval.stop_at is not None else ""
     log(f"[1/4] SFT: {sft_config.model}, up to {sft_config.max_steps} steps{stop}, on "
@@ -121,7 +121,7 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
         "plots": [str(p) for p in plots],
         "traces": str(traces) if traces else None,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 

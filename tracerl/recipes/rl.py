@@ -8,13 +8,13 @@ evaluation, metrics and checkpoints.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from tracerl.data.tasks import load_problems
 from tracerl.errors import ConfigError
 from tracerl.eval import periodic_eval
+from tracerl.files import write_json
 from tracerl.devices import check_device
 from tracerl.objectives import NORMALISATIONS
 from tracerl.plugins import load_plugins
@@ -91,9 +91,9 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
         run.start_fresh()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_json(out / "config.json", asdict(config))
 
-    last_eval = None
+    last_eval = run.metrics.last_logged("eval_") or None  # resumed at the last step: the figures stay
     try:
         with Progress(TextColumn("rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not progress) as bar:
@@ -113,5 +113,5 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
     summary = {"output_dir": config.output_dir, "steps": run.step, "method": config.policy.method,
                "value_model": config.value.enabled, "final_checkpoint": str(run.last_checkpoint),
                **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary

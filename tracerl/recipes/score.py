@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracerl.data.jsonl import DataError, check_field, iter_jsonl, write_jsonl
+from tracerl.data.jsonl import BadLine, DataError, check_field, iter_jsonl, write_rows
 from tracerl.data.tasks import TaskConfig, problem_from_row, validate_code_row, validate_math_row
+from tracerl.files import AtomicFile
 from tracerl.rewards import score_batch
 
 
@@ -13,8 +14,29 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
                workers: int = 2, answer_field: str = "ground_truth_answer") -> dict:
     """Write every input row, in order, with ``reward``, ``correct`` and ``extracted_answer`` (math)
     or ``verdicts`` (code) added.  A malformed row stops the run with file, line and field named;
-    with ``skip_bad_rows`` it is written back unscored with an ``error`` field instead, so rows can
-    never shift against their scores."""
+    with ``skip_bad_rows`` it is written back unscored with an ``error`` field instead (a line that
+    is not a JSON object as ``{"raw": its text or value}``), so rows can never shift against their
+    scores, and the summary lists it (``skipped_rows``: "file:line: reason" each).
+
+    The output is written atomically and opened first: a destination that cannot be written fails
+    before any scoring, and a failed write (a full disk) leaves no partial file."""
+    with AtomicFile(output_path) as output:
+        out_rows, errors = _score_rows(task, input_path, skip_bad_rows, workers, answer_field)
+        write_rows(output, out_rows)
+    scored = [row for row, error in zip(out_rows, errors) if error is None]
+    rewards = [row["reward"] for row in scored]
+    return {
+        "task": task, "rows": len(out_rows), "scored": len(scored), "skipped": len(out_rows) - len(scored),
+        "skipped_rows": [e for e in errors if e is not None],
+        "accuracy": sum(bool(row["correct"]) for row in scored) / len(scored) if scored else 0.0,
+        "mean_reward": sum(rewards) / len(scored) if scored else 0.0,
+        "output": str(output.path),
+    }
+
+
+def _score_rows(task: str, input_path, skip_bad_rows: bool, workers: int,
+                answer_field: str) -> tuple[list[dict], list[str | None]]:
+    """(every row with its scores, per row the reason it was skipped or None)."""
     config = TaskConfig(source="jsonl", name=str(input_path), kind=task, answer_field=answer_field,
                         question_field="question")
     rows, problems, responses, errors = [], [], [], []
@@ -34,7 +56,7 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
         except DataError as e:
             if not skip_bad_rows:
                 raise
-            rows.append(row if isinstance(row, dict) else {"raw": row})
+            rows.append(row if isinstance(row, dict) else {"raw": row.text if isinstance(row, BadLine) else row})
             errors.append(str(e))
             continue
         rows.append(row)
@@ -43,7 +65,7 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
         responses.append(row["response"])
 
     scores = iter(score_batch(problems, responses, workers=workers))
-    out_rows, correct, rewards = [], 0, []
+    out_rows = []
     for row, error in zip(rows, errors):
         if error is not None:
             out_rows.append({**row, "reward": None, "correct": None, "error": error})
@@ -51,13 +73,4 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
         sc = next(scores)
         extra = {"extracted_answer": sc.extracted_answer} if task == "math" else dict(sc.details or {})
         out_rows.append({**row, "reward": sc.reward, "correct": sc.correct, **extra})
-        correct += bool(sc.correct)
-        rewards.append(sc.reward)
-    write_jsonl(output_path, out_rows)
-    scored = len(rewards)
-    return {
-        "task": task, "rows": len(out_rows), "scored": scored, "skipped": len(out_rows) - scored,
-        "accuracy": correct / scored if scored else 0.0,
-        "mean_reward": sum(rewards) / scored if scored else 0.0,
-        "output": str(output_path),
-    }
+    return out_rows, errors

@@ -7,7 +7,6 @@ upstream SFT format: the prompt already templated) or ``{prompt_ids, response_id
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from tracerl.data.tasks import load_problems
 from tracerl.devices import check_device
 from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig, periodic_eval
+from tracerl.files import write_json
+from tracerl.generation.seeds import check_seed_value
 from tracerl.train import lora
 from tracerl.train.loop import LoopConfig, TrainingRun, step_generator
 from tracerl.train.optim import OptimConfig
@@ -49,8 +50,7 @@ class SFTConfig:
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
 
     def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        self.seed = check_seed_value(self.seed, "seed")  # torch and the data order take [0, 2**64)
 
 
 def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
@@ -85,14 +85,18 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
         options = method_options(method, config.objective, model.tokenizer.pad_token_id)
         per_step = config.loop.micro_batch * config.loop.accumulation
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(config.output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        write_json(Path(config.output_dir) / "config.json", asdict(config))
 
-        last_eval, stopped = None, False
+        # A resumed run reports (and stops on) its latest evaluation until it evaluates again: resumed
+        # at its last step, or after stopping at eval.stop_at, it trains no more and its summary
+        # keeps the eval figures.
+        last_eval = run.metrics.last_logged("eval_") or None
+        stopped = bool(last_eval) and config.eval.stop_at is not None and last_eval["accuracy"] >= config.eval.stop_at
         with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=Console(stderr=True),
                       disable=not progress) as bar:
             task = bar.add_task("sft", total=config.max_steps, completed=run.step, info="")
-            while run.step < config.max_steps:
+            while run.step < config.max_steps and not stopped:
                 t0 = time.perf_counter()
                 model.train()
                 batch = [examples[i] for i in sampler.take(per_step)]
@@ -119,5 +123,5 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
                "stopped_at_accuracy": stopped,
                "dropped_too_long": dropped, "final_checkpoint": str(run.last_checkpoint),
                **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
-    (Path(config.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(config.output_dir) / "summary.json", summary)
     return summary

@@ -12,6 +12,7 @@ import html
 import json
 from pathlib import Path
 
+from tracerl.files import write_text
 from tracerl.generation.sampler import Generation
 
 _PAGE = """<!DOCTYPE html>
@@ -132,10 +133,7 @@ def write_trace_html(
     path: str | Path, tokenizer, generations: list[Generation], *, title: str = "",
     labels: list[str] | None = None,
 ) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(trace_payload(tokenizer, generations, labels), ensure_ascii=False)
     data = data.replace("</", "<\\/")  # a token "</script>" must not end the data block
     page = _PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_text(path, page)

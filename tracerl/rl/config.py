@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tracerl.data.tasks import TaskConfig
-from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig
 from tracerl.generation import SamplingConfig
+from tracerl.generation.seeds import check_seed_value
 from tracerl.train.loop import LoopConfig
 from tracerl.train.optim import OptimConfig
 
@@ -67,5 +67,4 @@ class RLConfig:
     fail_on_reward_error: bool = False  # a reward function that raises: 0 reward, reported (or stop)
 
     def __post_init__(self) -> None:
-        if self.seed < 0:  # seeds are hashed as non-negative ints (generation/seeds.py)
-            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
+        self.seed = check_seed_value(self.seed, "seed")  # hashed as a non-negative int (generation/seeds.py)

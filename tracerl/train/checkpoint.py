@@ -4,13 +4,23 @@ Layout: ``OUTPUT/checkpoints/step-00000010/`` is an HF model folder (loadable by
 ``load_model``) plus ``trainer_state.pt`` (optimizer, RNG states, step, data position, ...)
 and, with LoRA, the live adapter in ``adapter/`` (a peft folder; the model files then hold the
 merged weights, or are left out with ``lora.merge_on_save: false``).  A checkpoint is written
-into a temporary sibling folder and renamed into place, so a folder named ``step-*`` is always
-complete; a half-written one (a run killed mid-save) keeps its temporary name and is ignored and
+into a temporary sibling folder and renamed into place, so a folder named ``step-*`` was written
+to the end; a half-written one (a run killed mid-save) keeps its temporary name and is ignored and
 removed.  Non-finite weights are never written.
+
+Written last into each folder, ``manifest.json`` lists every file with its size (the files are
+flushed to disk first).  A folder whose files do not match it (truncated by a crash after the
+rename, a full disk, a copy cut short), or whose safetensors or trainer state do not read, is
+not a complete checkpoint: resume skips it, says why, and takes the newest complete one.
+A save that fails (a full disk) is one ``OutputError`` naming the folder; the previous
+checkpoints stay as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import random
 import re
 import shutil
@@ -18,12 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
+from tracerl.errors import OutputError, brief
 from tracerl.models.model import DiffusionLM, atomic_folder
 from tracerl.train import lora
 from tracerl.train.optim import TrainingDiverged
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"  # {"files": {relative path: size in bytes}}, written last
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -53,28 +66,106 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(output_dir: str | Path, step: int, model: DiffusionLM, trainer_state: dict,
                     keep_last: int = 0) -> Path:
-    for name, p in model.backbone.named_parameters():
-        if not torch.isfinite(p).all():  # never persist a broken model
-            raise TrainingDiverged(f"non-finite weights in {name} at step {step}; checkpoint not written")
+    bad = model.nonfinite_parameters()
+    if bad:  # never persist a broken model
+        raise TrainingDiverged(f"non-finite weights in {bad[0]} at step {step}; checkpoint not written")
     path = checkpoints_dir(output_dir) / f"step-{step:08d}"
-    with atomic_folder(path) as tmp:
-        if lora.is_lora(model):
-            if lora.lora_config(model).merge_on_save:
-                lora.merged_copy(model).write_files(tmp)  # a plain HF folder: load_model reads it
+    with writing(path):
+        with atomic_folder(path) as tmp:
+            if lora.is_lora(model):
+                if lora.lora_config(model).merge_on_save:
+                    lora.merged_copy(model).write_files(tmp)  # a plain HF folder: load_model reads it
+                else:
+                    model.tokenizer.save_pretrained(tmp)
+                lora.save_adapter(model, tmp / "adapter")  # the live adapter: what resume restores
             else:
-                model.tokenizer.save_pretrained(tmp)
-            lora.save_adapter(model, tmp / "adapter")  # the live adapter: what resume restores
-        else:
-            model.write_files(tmp)
-        torch.save({**trainer_state, "step": step, "rng": rng_state()}, tmp / "trainer_state.pt")
+                model.write_files(tmp)
+            # Through a Python file: a full disk then reaches us as an OSError (torch's own writer
+            # reports it as "unexpected pos ..." twice over).
+            with (tmp / "trainer_state.pt").open("wb") as f:
+                torch.save({**trainer_state, "step": step, "rng": rng_state()}, f)
+            write_manifest(tmp)
     if keep_last > 0:
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+@contextlib.contextmanager
+def writing(folder: Path):
+    """Turn a failed write (a full disk, a read-only folder) into one ``OutputError`` naming
+    ``folder``; anything else is raised as it is (a bug to see in full)."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as e:
+        reason = _os_reason(e)
+        if reason is None:
+            raise
+        raise OutputError(f"{folder}: cannot write the checkpoint ({reason}); it is not kept, earlier ones "
+                          "are untouched") from None
+
+
+def _os_reason(e: BaseException | None) -> str | None:
+    """The operating system's reason behind ``e``, which torch and safetensors wrap: torch as a
+    RuntimeError raised while handling the OSError of its file object, safetensors (Rust) as
+    "... (os error 28)" in its message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m:
+            return os.strerror(int(m.group(1)))
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_manifest(folder: Path) -> None:
+    """Flush every file of ``folder`` to disk, then record their sizes in ``MANIFEST`` (last)."""
+    sizes = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with f.open("rb") as handle:
+            os.fsync(handle.fileno())
+        sizes[f.relative_to(folder).as_posix()] = f.stat().st_size
+    with (folder / MANIFEST).open("w") as out:
+        json.dump({"files": sizes}, out, indent=1)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint folder, or None.  Checks the sizes in its
+    manifest (folders written before manifests have none: then only the reads below) and that
+    every safetensors file reads (its header must match the file's length)."""
+    if not folder.is_dir():
+        return "missing"
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            sizes = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return f"{MANIFEST} is unreadable"
+        for name, size in sizes.items():
+            f = folder / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, {size} were written (truncated?)"
+    for f in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:
+            return f"{f.relative_to(folder).as_posix()} does not read ({brief(e)})"
+    return None
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first; removes leftovers of interrupted saves."""
+    """Checkpoint folders, oldest first (``checkpoint_problem`` says whether their files are
+    whole); removes leftovers of interrupted saves."""
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         return []
@@ -84,7 +175,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
             shutil.rmtree(child, ignore_errors=True)  # a save killed half-way
             continue
         m = _STEP_DIR.match(child.name)
-        if m and (child / "trainer_state.pt").is_file():
+        if m and child.is_dir():  # one without its trainer state is listed too: resume says so
             found.append((int(m.group(1)), child))
     return [p for _, p in sorted(found)]
 
@@ -97,3 +188,16 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def load_trainer_state(path: Path) -> dict:
     # Our own file (optimizer tensors, RNG states, python scalars): not untrusted input.
     return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an incomplete checkpoint out of the listing (``step-N.incomplete``), keeping it."""
+    target, n = path.with_name(path.name + ".incomplete"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.incomplete-{n}")
+    return path.rename(target)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[1])

@@ -8,16 +8,19 @@ same metrics rows as 2N steps straight.  Rows logged after the last checkpoint o
 are dropped on resume and written again.  A fresh run seeds the global RNGs from its seed
 (dropout, LoRA dropout), so it is a function of its config too.
 
-Resume refuses, before touching anything, a checkpoint past ``max_steps``, one trained with(out)
-LoRA or with other trainable parameters than this run's, a config that differs from the one the
-checkpoint was made with in anything that shapes the training trajectory (see
-``RESUME_MAY_CHANGE``), and (through the recipe's ``validate``) other data.  A fresh run refuses
-an ``output_dir`` that already holds checkpoints.
+Resume takes the newest *complete* checkpoint: one whose files are cut short (see
+checkpoint.py) is skipped with a warning naming it and the reason, and set aside as
+``step-N.incomplete``.  It refuses, before touching anything, a checkpoint past ``max_steps``,
+one trained with(out) LoRA or with other trainable parameters than this run's, a config that
+differs from the one the checkpoint was made with in anything that shapes the training
+trajectory (see ``RESUME_MAY_CHANGE``), and (through the recipe's ``validate``) other data.  A
+fresh run refuses an ``output_dir`` that already holds checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -28,12 +31,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tracerl.errors import ConfigError
+from tracerl.errors import CheckpointError, ConfigError, OutputError, brief
 from tracerl.models.model import DiffusionLM
 from tracerl.train import checkpoint as ckpt
 from tracerl.train import lora
 from tracerl.train.metrics import MetricsLogger
 from tracerl.train.optim import OptimConfig, Optimizer, TrainingDiverged
+
+log = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 
@@ -204,11 +209,11 @@ class TrainingRun:
         ``validate(state)`` runs before anything is restored or rewritten: the recipe's own
         checks and restores (e.g. the data sampler, which refuses other data).  ``may_change``:
         config keys the recipe checks itself, on top of ``RESUME_MAY_CHANGE``."""
-        path = ckpt.latest_checkpoint(self.output_dir)
-        if path is None:  # nothing to resume: a fresh run
+        found = self._newest_complete_checkpoint()
+        if found is None:  # nothing to resume: a fresh run
             self._begin()
             return None
-        state = ckpt.load_trainer_state(path)
+        path, state, skipped = found
         step = int(state["step"])
         if step > self.max_steps:
             raise ConfigError(f"resume: checkpoint {path.name} is past max_steps={self.max_steps}; "
@@ -255,8 +260,39 @@ class TrainingRun:
         self.step = step
         self.metrics.truncate_after(self.step)
         self.last_checkpoint = path
+        for broken, problem in skipped:  # out of the listing (keep_last would count it), kept to inspect
+            kept = ckpt.set_aside(broken)
+            log.warning("resume: checkpoint %s is incomplete (%s); continuing from %s (the incomplete one is "
+                        "kept as %s)", broken.name, problem, path.name, kept.name)
         self._t_last = time.perf_counter()
         return state
+
+    def _newest_complete_checkpoint(self) -> tuple[Path, dict, list[tuple[Path, str]]] | None:
+        """(the newest checkpoint whose files are whole and read, its trainer state, the newer
+        ones skipped with the reason); None when there is no checkpoint at all.  A run killed by
+        a crash after the rename, a full disk or a copy cut short can leave a truncated file in
+        the newest folder; the previous checkpoint is then the one to continue from."""
+        checkpoints = ckpt.list_checkpoints(self.output_dir)
+        skipped: list[tuple[Path, str]] = []
+        for path in reversed(checkpoints):
+            step = ckpt.step_of(path)
+            problem = ckpt.checkpoint_problem(path)
+            for name in self.trained:  # a missing folder is a config question: resume() names it
+                folder = self._folder(name, step)
+                if problem is None and folder.is_dir() and (bad := ckpt.checkpoint_problem(folder)):
+                    problem = f"{folder.name}/{bad}"
+            if problem is None:
+                try:
+                    state = ckpt.load_trainer_state(path)
+                except Exception as e:  # torch reports a cut zip archive as a RuntimeError
+                    problem = f"trainer_state.pt does not load ({brief(e)})"
+            if problem is None:
+                return path, state, skipped
+            skipped.append((path, problem))
+        if not checkpoints:
+            return None
+        raise CheckpointError(f"resume: no complete checkpoint in {ckpt.checkpoints_dir(self.output_dir)} "
+                              f"({'; '.join(f'{p.name}: {why}' for p, why in skipped)}); start a new output_dir")
 
     # -- stepping -------------------------------------------------------------------------
     def update(self, loss_value: float, model: str = "policy") -> dict:
@@ -280,14 +316,17 @@ class TrainingRun:
                  "trainable": self._trainable(), "run_config": self.run_config,
                  "optimizers": {name: t.optimizer.state_dict() for name, t in self.trained.items()},
                  **extra_state}
-        for name, trained in self.trained.items():
-            trained.save(self._folder(name, self.step))
         try:
+            for name, trained in self.trained.items():
+                folder = self._folder(name, self.step)
+                with ckpt.writing(folder):
+                    trained.save(folder)
+                    ckpt.write_manifest(folder)
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, state,
                                         keep_last=self.loop.keep_last)
-        except TrainingDiverged as e:
+        except (TrainingDiverged, OutputError) as e:  # the step is not saved; say what is
             last = self.last_checkpoint or "none (no checkpoint written yet)"
-            raise TrainingDiverged(f"{e}; last good checkpoint: {last}") from None
+            raise type(e)(f"{e}; last good checkpoint: {last}") from None
         self.last_checkpoint = path
         self._prune_trained_folders()
         return path

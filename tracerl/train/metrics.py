@@ -14,6 +14,9 @@ import json
 import os
 from pathlib import Path
 
+from tracerl.errors import OutputError
+from tracerl.files import write_text
+
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
@@ -64,17 +67,30 @@ class MetricsLogger:
                 continue  # torn write of a killed run
             if isinstance(row, dict) and row.get("step", 0) <= step:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def last_logged(self, prefix: str) -> dict:
+        """``{key less prefix: value}`` of the last row holding ``prefix*`` keys ({} if none): after a
+        resume, e.g. the latest evaluation (``eval_``), which a run resumed at its last step reports
+        without evaluating again."""
+        rows = read_metrics(self.path) if self.path.exists() else []
+        for row in reversed(rows):
+            found = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
+            if found:
+                return found
+        return {}
 
     def log(self, row: dict) -> None:
         if not self._opened:
             self._open()
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a torn last line is dropped on resume (truncate_after)
+            raise OutputError(f"{self.path}: cannot write the metrics row of step {row.get('step')} "
+                              f"({e.strerror or e})") from None
         step = row.get("step", 0)
         if self._tb is not None:
             for key, value in row.items():

@@ -115,6 +115,26 @@ def test_jsonl_errors_name_file_line_and_field(tmp_path):
     assert "invalid JSON" in rows.skipped[0][1]
 
 
+def test_skipped_task_rows_are_reported_with_their_lines(tmp_path, caplog):
+    """task.skip_bad_rows: used to drop rows without a word; bad bytes are a skippable bad row too."""
+    f = tmp_path / "math.jsonl"
+    f.write_bytes(b'{"question": "1+1", "ground_truth_answer": "2"}\n{"question": "2+2"}\n'
+                  b'{"question": "caf\xe9", "ground_truth_answer": "3"}\n')
+    with caplog.at_level("WARNING", logger="tracerl"):
+        problems = load_problems(TaskConfig(source="jsonl", name=str(f), skip_bad_rows=True))
+    assert [p.question for p in problems] == ["1+1"]
+    (message,) = [r.getMessage() for r in caplog.records if r.name.startswith("tracerl")]
+    assert message.startswith(f"task {f}: skipped 2 bad row(s): {f}:2: missing field 'ground_truth_answer'; "
+                              f"{f}:3: not UTF-8 text (byte 0xe9 at offset 85)")
+
+
+def test_a_datasets_file_that_is_not_utf8_names_the_line_and_byte(tmp_path):
+    f = tmp_path / "qa.csv"
+    f.write_bytes(b"question,ground_truth_answer\nWhat is 2+2?,4\nCombien co\xfbte,9\n")
+    with pytest.raises(DataError, match=rf"^{f}:3: not UTF-8 text \(byte 0xfb at offset 54\)"):
+        load_problems(TaskConfig(source="datasets", name=str(f)))
+
+
 def test_code_jsonl_schema(tmp_path):
     f = write_lines(tmp_path / "code.jsonl", [
         {"question": "add", "test_method": "function", "test_list": ["assert add(1, 2) == 3"], "prefix": "def add(a, b):\n"},

@@ -510,3 +510,31 @@ def test_edited_architecture_field(checkpoint, changes, field):
 def test_untouched_copy_loads(checkpoint):
     """The corruption tests above start from a folder that loads."""
     assert load_model(checkpoint).spec.family == "block"
+
+
+def test_special_token_ids_past_the_vocabulary_name_the_key(tmp_path):
+    """Used to be an AssertionError from torch ("Padding_idx must be within num_embeddings")."""
+    folder = tmp_path / "m"
+    load_model("tiny-block").save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value, shown in [("pad_token_id", 300, "pad_token_id=300"), ("eos_token_id", [2, 259, 260], "eos_token_id=260")]:
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(CheckpointError, match=rf"config\.json: {shown} is not below vocab_size=260 "
+                                                  rf"\(token ids are 0\.\.259\); fix vocab_size or {key}"):
+            load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "tracerl": {**config["tracerl"], "mask_token_id": 260}}))
+    with pytest.raises(CheckpointError, match=r"mask token id 260 is outside the embedding table \(0\.\.259\)"):
+        load_model(folder)
+
+
+def test_non_finite_weights_are_named():
+    from tracerl.models import check_finite
+
+    model = load_model("tiny-block")
+    assert model.nonfinite_parameters() == [] and check_finite(model, "m") is model
+    with torch.no_grad():
+        model.backbone.model.layers[0].self_attn.q_proj.weight[1, 2] = float("-inf")
+    assert model.nonfinite_parameters() == ["model.layers.0.self_attn.q_proj.weight"]
+    with pytest.raises(CheckpointError, match=r"^m: non-finite weights \(NaN or inf\) in "
+                                              r"model\.layers\.0\.self_attn\.q_proj\.weight; the model cannot"):
+        check_finite(model, "m")
