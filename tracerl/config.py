@@ -221,7 +221,10 @@ def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {_qualified(str(e), cls, prefix)}") from None
+        message = _qualified(str(e), cls, prefix)
+        if prefix and where == prefix.rstrip(".") and message.startswith(prefix):
+            raise ConfigError(message) from None  # already names the key in full
+        raise ConfigError(f"{where}: {message}") from None
     except TypeError as e:  # a required key is missing
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
 

@@ -802,7 +802,7 @@ def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail():
     assert len(problems) == 164
     canonical = [(humaneval_program(p, p["canonical_solution"]), CodeTests.from_humaneval(p))
                  for p in problems]
-    empty = [(humaneval_program(p, "    pass\n"), CodeTests.from_humaneval(p))
+    empty = [(humaneval_program(p, "    return None\n"), CodeTests.from_humaneval(p))
              for p in problems]
     results = score_many(canonical + empty, workers=2)
     good, bad = results[:164], results[164:]

@@ -136,6 +136,6 @@ def test_a_masking_subclass_builds_its_parents_rows_and_mask_levels_are_checked_
     with pytest.raises(ConfigError, match=r"noise_low, noise_high: need 0 < noise_low <= noise_high <= 1"):
         make_algorithm(load_config(RLConfig, None, ["policy.method=random_masking",
                                                     "policy.options.random_masking.noise_low=0.95"]).policy)
-    with pytest.raises(ConfigError, match=r"policy\.options\.coupled: noise_high: must be < 1"):
+    with pytest.raises(ConfigError, match=r"policy\.options\.coupled\.noise_high: must be < 1"):
         make_algorithm(load_config(RLConfig, None, ["policy.method=coupled",
                                                     "policy.options.coupled.noise_high=1.0"]).policy)
