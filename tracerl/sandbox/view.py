@@ -26,9 +26,7 @@ with hidden directories and reports ``filesystem_view: "host-readonly"``.
 from __future__ import annotations
 
 import functools
-import glob
 import os
-import struct
 import sys
 
 from .syscalls import (
@@ -100,6 +98,7 @@ def _elf_needed(path):
     """(DT_NEEDED names, DT_RUNPATH/DT_RPATH directories) of a 64-bit little-endian ELF file,
     read from its dynamic section; None for anything else (the caller then asks ``ldd``)."""
     import mmap
+    import struct
 
     try:
         with open(path, "rb") as fh:
@@ -115,6 +114,8 @@ def _elf_needed(path):
 
 
 def _parse_dynamic(data, path):
+    import struct
+
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return None
     phoff, = struct.unpack_from("<Q", data, 0x20)
@@ -189,6 +190,7 @@ def _shared_libraries_fast(interpreter, modules):
 
 def _package_paths(names):
     """Host paths of the named top-level packages, and the directories to put on sys.path."""
+    import glob
     import importlib.util
 
     paths, roots = [], []
@@ -223,6 +225,7 @@ def view_plan(site_packages=False):
     are symbolic links recreated in the new root; ``masks`` are directories inside a bind left
     empty (the base interpreter's own site-packages); ``python_path`` is added to S's
     ``sys.path``."""
+    import glob  # P only: J and S import this module for build_view and need neither
     import sysconfig
 
     if site_packages is True:  # the caller's whole environment, ``site`` included
