@@ -281,16 +281,20 @@ def view_plan(site_packages=False):
 # =============================================================================================
 
 
-def _make_mount_point(path, like):
+def _make_mount_point(path, source_fd):
+    import stat
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.isdir(like):
+    if stat.S_ISDIR(os.fstat(source_fd).st_mode):
         os.makedirs(path, exist_ok=True)
     elif not os.path.exists(path):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
 
 
-def _bind_readonly(source, target, keep_devices=False):
-    _mount(source, target, None, _MS_BIND | _MS_REC)
+def _bind_readonly(source_fd, target, keep_devices=False):
+    # From the descriptor opened before the scratch root covered ``base``: a source below
+    # ``base`` (a virtual environment under /tmp) stays reachable.
+    _mount(f"/proc/self/fd/{source_fd}", target, None, _MS_BIND | _MS_REC)
     flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _statvfs_flags(target)
     if not keep_devices:
         flags |= _MS_NODEV
@@ -308,32 +312,48 @@ def build_view(plan, tmp_mib, shm_mib, base="/tmp"):
     switch (the caller then undoes it with :func:`abandon_view` and falls back), ViewError
     after it."""
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)  # nothing we do propagates to the host
-    _mount("tmpfs", base, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=4m,mode=755")
-    root = base.rstrip("/")
+    devices = [f"/dev/{name}" for name in DEVICES if os.path.exists(f"/dev/{name}")]
+    sources = {}
+    try:
+        for path in list(plan["binds"]) + devices:
+            sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        _mount("tmpfs", base, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=4m,mode=755")
+        _populate(plan, sources, devices, base.rstrip("/"), tmp_mib, shm_mib)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+    return _enter(base.rstrip("/"), plan)
+
+
+def _populate(plan, sources, devices, root, tmp_mib, shm_mib):
+    # The private /tmp first: paths bound from below the host's /tmp then sit on top of it.
+    os.makedirs(root + "/tmp")
+    _mount("tmpfs", root + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={tmp_mib}m,mode=1777")
     for link, target in sorted(plan["links"].items()):
         os.makedirs(root + os.path.dirname(link), exist_ok=True)
         if not os.path.lexists(root + link):
             os.symlink(target, root + link)
     for path in plan["binds"]:
-        _make_mount_point(root + path, path)
-        _bind_readonly(path, root + path)
+        _make_mount_point(root + path, sources[path])
+        _bind_readonly(sources[path], root + path)
     for path in plan["masks"]:
         if os.path.isdir(root + path):
             _mount("tmpfs", root + path, "tmpfs", _MS_NOSUID | _MS_NODEV | _MS_RDONLY,
                    "size=4k,mode=755")
-    os.makedirs(root + "/tmp", exist_ok=True)
-    _mount("tmpfs", root + "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, f"size={tmp_mib}m,mode=1777")
     os.makedirs(root + "/dev/shm")
-    for name in DEVICES:
-        if os.path.exists(f"/dev/{name}"):
-            _make_mount_point(f"{root}/dev/{name}", f"/dev/{name}")
-            _bind_readonly(f"/dev/{name}", f"{root}/dev/{name}", keep_devices=True)
+    for path in devices:
+        _make_mount_point(root + path, sources[path])
+        _bind_readonly(sources[path], root + path, keep_devices=True)
     for name, target in _DEV_LINKS.items():
         os.symlink(target, f"{root}/dev/{name}")
     _mount("tmpfs", root + "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV,
            f"size={shm_mib}m,mode=1777")
     os.makedirs(root + "/proc")
     _mount("proc", root + "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+
+
+def _enter(root, plan):
+    """``pivot_root`` into the populated root and detach the host's tree."""
     os.makedirs(root + "/.host")
     os.chdir(root)
     _pivot_root(".", ".host")

@@ -174,6 +174,22 @@ def test_named_site_packages_are_the_only_ones_visible(caps):
     assert r.reward == 0.0 and "numpy" in r.verdicts[0].detail, r.verdicts
 
 
+def test_packages_below_tmp_are_visible(caps, tmp_path, monkeypatch):
+    # CI clones (and their virtual environments) live under /tmp, which the view covers with
+    # its own root: the view must still reach what it binds from there.
+    name = f"tracerl_pkg_{secrets.token_hex(4)}"
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "__init__.py").write_text("ANSWER = 42\n")
+    os.chmod(tmp_path, 0o755)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tests = CodeTests("function", asserts=("assert answer() == 42",))
+    program = f"def answer():\n    import {name}\n    return {name}.ANSWER\n"
+    r = score_code(program, tests, limits=Limits(time_limit=5.0, site_packages=(name,)))
+    skip_without_allowlist_view(r)
+    assert r.protections["filesystem_view"] == "allowlist", r.protections.get("errors")
+    assert statuses(r) == ["passed"], r.verdicts
+
+
 def test_site_packages_setting_is_checked():
     with pytest.raises(ValueError, match="site_packages"):
         Limits(site_packages="numpy")
