@@ -1,0 +1,509 @@
+"""Paged KV cache for continuous batching of block-diffusion LMs (block-causal attention).
+
+Why a cache is exact.  With block attention (``model.spec.attention == "block"``) a token attends
+every earlier block and its own block, never a later one.  Once a block is final (all its tokens
+decoded), its keys and values can no longer change, so they can be computed once and reused, as
+``BlockCacheDecoder`` (generation/decoders.py) does for a static batch.  The engine needs the same
+for many sequences that each sit at their own point of decoding.
+
+Layout.
+* A **page** holds the keys and values of one diffusion block, ``block_size`` consecutive token
+  positions, for every layer.  Each layer has a preallocated pool ``keys[layer]`` /
+  ``values[layer]`` of shape ``(num_pages, kv_heads, block_size, head_dim)`` (the model's dtype
+  and device), and ``page_valid`` ``(num_pages, block_size)`` says which slots hold a real token.
+* Positions are absolute and start at 0 for every sequence (a sequence has no left padding: its
+  token index p is its position p), so **page k of a sequence's page table holds positions
+  [k*b, (k+1)*b)**.  A sequence's committed part is always whole pages: ``committed_length`` is a
+  multiple of the block size, and gathering a page table in order puts position j at key column j.
+* The prompt needs no special case.  Its full blocks are committed by the sequence's first
+  forward (prefill); its tail shares the first denoising block, which is committed when it is
+  final, like any other block.  Positions that hold no token (a last block cut short by the
+  sequence's length limit) are committed as invalid slots and never attended.
+* ``allocate`` may reserve pages ahead of time (a scheduler that wants admission to guarantee
+  memory); ``commit`` fills reserved pages first and takes free pages when none is left.
+
+One forward.  Each sequence of the batch contributes its *query columns*: the blocks that are
+final but not yet committed (prefill, or the block that just finished) followed by the block being
+denoised, i.e. positions ``[committed_length, committed_length + n*b)``.  ``PagedKVCache.view``
+returns a ``PagedView``, a transformers ``Cache`` for that one forward: in every attention layer
+``update`` gathers the sequences' committed pages into ``(B, kv_heads, P*b, head_dim)`` (P = the
+longest committed page table of the batch; shorter tables are padded and the padding masked out)
+and returns ``[gathered | new]``; ``view.attention_mask()`` (``paged_block_mask``) is the matching
+mask.  The view keeps the new keys/values, and ``commit(view, n_blocks)`` then writes the first
+``n_blocks[i]`` query blocks of sequence i into pages and drops the rest (the block still being
+denoised).  This is the sampler's rule, "a finished block is committed by the first forward of
+the next block", so committing costs no extra forward.
+
+Why pages rather than one fixed slot of ``max_len`` columns per sequence.
+* Pages are diffusion blocks, the unit in which keys become final, so a page is written once,
+  whole, and never partly filled (except a sequence's last, length-capped block).
+* A sequence holds memory only for what it has committed, not for its maximum length, so more
+  sequences fit; any free page fits any sequence, so there is no external fragmentation and no
+  compaction.
+* Preemption is ``free(seq_id)``: all its pages go back at once (the sequence is recomputed when
+  it is resumed).
+* Memory is accounted per page: ``bytes_per_page`` (from the model config) and ``usage()`` report
+  bytes per token and what is in use.
+The price is one gather per layer per forward (a copy of the batch's committed keys and values); a
+kernel reading pages in place would remove it without changing this layout or the mask.
+
+Families.  The view reproduces the hidden states of the query columns exactly, whatever the
+family.  A shifted family reads the logits of column s-1 for column s: for the first column of a
+block that column lies in the previous block, so the engine keeps those logits from the forward
+that committed it (``BlockCacheDecoder.carry``) or keeps the previous block in the query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tracerl import masks
+from tracerl.errors import ConfigError, TracerlError
+
+if TYPE_CHECKING:
+    from tracerl.models.model import DiffusionLM
+
+
+class KVCacheFullError(TracerlError):
+    """The page pool has fewer free pages than a request needs (nothing was changed).
+
+    A scheduler catches it to preempt a sequence (``free``) and retry; ``needed`` / ``free`` /
+    ``num_pages`` say by how much the pool fell short."""
+
+    def __init__(self, message: str, *, needed: int, free: int, num_pages: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+        self.num_pages = num_pages
+
+
+# -- geometry and sizing --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """What a page holds: ``num_layers`` x (keys, values) x ``(kv_heads, block_size, head_dim)``."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @classmethod
+    def from_config(cls, config, block_size: int, dtype: torch.dtype) -> CacheGeometry:
+        """From a transformers Llama/Qwen2/Qwen3 config (grouped-query attention aware)."""
+        if block_size < 1:
+            raise ConfigError(f"block_size: must be >= 1, got {block_size}")
+        kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            # A sliding-window layer would need its own eviction rule; none of our checkpoints has one.
+            raise ConfigError(
+                f"layer_types: the paged KV cache supports only full_attention layers, got {sorted(kinds)}"
+            )
+        heads = int(config.num_attention_heads)
+        return cls(
+            num_layers=int(config.num_hidden_layers),
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            block_size=int(block_size),
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_model(cls, model: DiffusionLM, block_size: int | None = None) -> CacheGeometry:
+        if model.spec.attention != "block":
+            raise ConfigError(
+                f"attention: the paged KV cache is exact only for block attention, the model has "
+                f"{model.spec.attention!r} (use a block-attention model or override attention='block')"
+            )
+        return cls.from_config(model.config, block_size or model.block_size, model.dtype)
+
+    @property
+    def page_shape(self) -> tuple[int, int, int]:
+        return (self.kv_heads, self.block_size, self.head_dim)
+
+    @property
+    def bytes_per_page(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * self.block_size * itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_page // self.block_size
+
+
+def bytes_per_page(config, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one page: layers * 2 (keys, values) * kv_heads * head_dim * block_size * dtype size."""
+    return CacheGeometry.from_config(config, block_size, dtype).bytes_per_page
+
+
+def pages_for_budget(budget_bytes: int, page_bytes: int) -> int:
+    """How many whole pages fit in ``budget_bytes``; an error if not even one does."""
+    pages = int(budget_bytes) // page_bytes
+    if pages < 1:
+        raise ConfigError(f"budget_bytes: {budget_bytes} bytes hold no page (one page is {page_bytes} bytes)")
+    return pages
+
+
+# -- the cache --------------------------------------------------------------------------------
+
+
+@dataclass
+class _Sequence:
+    pages: list[int] = field(default_factory=list)  # page table: page k holds positions [k*b, (k+1)*b)
+    committed: int = 0  # pages[:committed] are written; the rest are reserved
+
+
+class PagedKVCache:
+    """A pool of block-sized KV pages shared by all running sequences (see the module docstring).
+
+    Sequence ids are any hashable values.  A sequence is registered by its first ``allocate``
+    (``allocate(seq_id, 0)`` registers it without reserving anything) and forgotten by ``free``.
+    """
+
+    def __init__(self, geometry: CacheGeometry, num_pages: int, device: torch.device | str = "cpu") -> None:
+        if int(num_pages) < 1:
+            raise ConfigError(f"num_pages: must be >= 1, got {num_pages}")
+        self.geometry = geometry
+        self.num_pages = int(num_pages)
+        self.device = torch.device(device)
+        shape = (self.num_pages, *geometry.page_shape)
+        # Zeros, not empty: a padded page slot is gathered and weighted by exactly 0 in attention,
+        # and 0 * (uninitialised NaN) would still be NaN.
+        self.keys = [torch.zeros(shape, dtype=geometry.dtype, device=self.device) for _ in range(geometry.num_layers)]
+        self.values = [torch.zeros(shape, dtype=geometry.dtype, device=self.device) for _ in range(geometry.num_layers)]
+        self.page_valid = torch.zeros(self.num_pages, geometry.block_size, dtype=torch.bool, device=self.device)
+        self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: hands out 0, 1, 2, ... first
+        self._seqs: dict[Hashable, _Sequence] = {}
+
+    @classmethod
+    def for_model(
+        cls, model: DiffusionLM, *, num_pages: int | None = None, budget_bytes: int | None = None,
+        block_size: int | None = None,
+    ) -> PagedKVCache:
+        """A pool on the model's device and dtype, sized in pages or in bytes (exactly one)."""
+        if (num_pages is None) == (budget_bytes is None):
+            raise ConfigError("num_pages, budget_bytes: give exactly one of them")
+        geometry = CacheGeometry.from_model(model, block_size)
+        if num_pages is None:
+            num_pages = pages_for_budget(budget_bytes, geometry.bytes_per_page)
+        return cls(geometry, num_pages, model.device)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.geometry.block_size
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_pages - len(self._free)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def _seq(self, seq_id: Hashable) -> _Sequence:
+        try:
+            return self._seqs[seq_id]
+        except KeyError:
+            raise ValueError(f"seq_id: unknown sequence {seq_id!r}; allocate(seq_id, 0) registers it") from None
+
+    def page_table(self, seq_id: Hashable) -> list[int]:
+        """The sequence's pages in position order, committed first, then reserved."""
+        return list(self._seq(seq_id).pages)
+
+    def committed_blocks(self, seq_id: Hashable) -> int:
+        return self._seq(seq_id).committed
+
+    def committed_length(self, seq_id: Hashable) -> int:
+        """Positions ``[0, committed_length)`` are in the cache (a multiple of the block size)."""
+        return self._seq(seq_id).committed * self.block_size
+
+    def _take(self, n: int, what: str) -> list[int]:
+        if n > len(self._free):
+            raise KVCacheFullError(
+                f"num_pages: the KV cache pool is full: {what} needs {n} pages, {len(self._free)} of "
+                f"num_pages={self.num_pages} are free (raise num_pages / budget_bytes or free a sequence)",
+                needed=n, free=len(self._free), num_pages=self.num_pages,
+            )
+        taken = self._free[len(self._free) - n:][::-1]
+        del self._free[len(self._free) - n:]
+        return taken
+
+    def allocate(self, seq_id: Hashable, n_pages: int = 0) -> list[int]:
+        """Reserve ``n_pages`` more pages at the end of the sequence's page table (registering the
+        sequence if new); returns them.  All or nothing: ``KVCacheFullError`` leaves the pool as
+        it was."""
+        if n_pages < 0:
+            raise ValueError(f"n_pages: must be >= 0, got {n_pages}")
+        pages = self._take(n_pages, f"sequence {seq_id!r}")
+        self._seqs.setdefault(seq_id, _Sequence()).pages.extend(pages)
+        return pages
+
+    def free(self, seq_id: Hashable) -> int:
+        """Forget the sequence and return all its pages (committed and reserved) to the pool;
+        returns how many.  Freed pages are not cleared: a page is fully rewritten, valid mask
+        included, by the commit that next fills it."""
+        seq = self._seqs.pop(seq_id, None)
+        if seq is None:
+            raise ValueError(f"seq_id: unknown sequence {seq_id!r} (never allocated or already freed)")
+        self._free.extend(reversed(seq.pages))
+        return len(seq.pages)
+
+    def sequence_kv(self, seq_id: Hashable, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's committed keys, values ``(kv_heads, committed_length, head_dim)`` and valid
+        mask ``(committed_length,)`` of a sequence, in position order (inspection and tests)."""
+        seq = self._seq(seq_id)
+        idx = torch.tensor(seq.pages[: seq.committed], dtype=torch.long, device=self.device)
+        h, b, d = self.geometry.page_shape
+
+        def flat(pool: torch.Tensor) -> torch.Tensor:
+            return pool[idx].permute(1, 0, 2, 3).reshape(h, len(idx) * b, d)
+
+        return flat(self.keys[layer]), flat(self.values[layer]), self.page_valid[idx].reshape(-1)
+
+    def usage(self) -> dict:
+        """Memory report: pages in use, committed tokens, bytes per page / per token."""
+        reserved = sum(len(s.pages) - s.committed for s in self._seqs.values())
+        committed = sum(s.committed for s in self._seqs.values())
+        page_bytes = self.geometry.bytes_per_page
+        return {
+            "num_pages": self.num_pages,
+            "used_pages": self.num_used,
+            "free_pages": self.num_free,
+            "reserved_pages": reserved,
+            "sequences": len(self._seqs),
+            "committed_tokens": committed * self.block_size,
+            "bytes_per_page": page_bytes,
+            "bytes_per_token": self.geometry.bytes_per_token,
+            "pool_bytes": self.num_pages * page_bytes,
+            "used_bytes": self.num_used * page_bytes,
+        }
+
+    # -- one forward -------------------------------------------------------------------------
+    def view(
+        self, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int = 1,
+        query_valid: torch.Tensor | None = None,
+    ) -> PagedView:
+        """The cache of one forward over ``query_blocks[i]`` blocks of sequence ``seq_ids[i]``,
+        starting at its committed length (see ``PagedView``)."""
+        return PagedView(self, seq_ids, query_blocks, query_valid)
+
+    def commit(self, view: PagedView, n_blocks: Sequence[int] | int) -> None:
+        """After the forward of ``view``: write the first ``n_blocks[i]`` query blocks of sequence
+        i to its pages (reserved pages first, then free ones) and drop the rest.
+
+        Commit only blocks whose tokens were final when the forward ran: their keys are exact
+        only then.  All or nothing: ``KVCacheFullError`` (checked before any write) leaves the
+        pool and every page table as they were."""
+        if view.cache is not self:
+            raise ValueError("view: made by another PagedKVCache")
+        batch = len(view.seq_ids)
+        n_blocks = [n_blocks] * batch if isinstance(n_blocks, int) else [int(n) for n in n_blocks]
+        if len(n_blocks) != batch:
+            raise ValueError(f"n_blocks: {len(n_blocks)} values for a view of {batch} sequences")
+        if view.committed_done:
+            raise ValueError("view: already committed (make a new view for the next forward)")
+        for sid, n, q, c in zip(view.seq_ids, n_blocks, view.query_blocks, view.start_blocks):
+            if not 0 <= n <= q:
+                raise ValueError(f"n_blocks: {n} for sequence {sid!r}, whose query holds {q} blocks")
+            if sid not in self._seqs or self._seqs[sid].committed != c:
+                raise ValueError(f"view: sequence {sid!r} changed (freed or committed) since the view was made")
+        if not any(n_blocks):
+            view.committed_done = True
+            return
+        if any(k is None for k in view.new_keys):
+            raise ValueError("view: no forward has run through this view yet")
+
+        seqs = [self._seqs[sid] for sid in view.seq_ids]
+        shortfall = [max(0, s.committed + n - len(s.pages)) for s, n in zip(seqs, n_blocks)]
+        fresh = self._take(sum(shortfall), f"committing {sum(n_blocks)} blocks")
+        rows, blocks, pages = [], [], []
+        for i, (s, n) in enumerate(zip(seqs, n_blocks)):
+            s.pages.extend(fresh[: shortfall[i]])
+            fresh = fresh[shortfall[i]:]
+            rows += [i] * n
+            blocks += range(n)
+            pages += s.pages[s.committed: s.committed + n]
+            s.committed += n
+        view.committed_done = True
+
+        dev = self.device
+        rows_t, blocks_t = torch.tensor(rows, device=dev), torch.tensor(blocks, device=dev)
+        pages_t = torch.tensor(pages, device=dev)
+        b, nq = self.block_size, view.query_positions.shape[1] // self.block_size
+
+        def by_block(t: torch.Tensor) -> torch.Tensor:  # (B, H, nq*b, D) -> (rows, H, b, D)
+            t = t.to(device=dev).unflatten(2, (nq, b)).transpose(1, 2)
+            return t[rows_t, blocks_t].to(self.geometry.dtype)
+
+        with torch.no_grad():
+            for layer in range(self.geometry.num_layers):
+                self.keys[layer][pages_t] = by_block(view.new_keys[layer])
+                self.values[layer][pages_t] = by_block(view.new_values[layer])
+            self.page_valid[pages_t] = view.query_valid.unflatten(1, (nq, b))[rows_t, blocks_t]
+
+
+# -- the per-forward view ---------------------------------------------------------------------
+
+
+def paged_block_mask(
+    query_positions: torch.Tensor, query_valid: torch.Tensor, cached_valid: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Block-causal mask ``(B, 1, Lq, C + Lq)`` for keys ``[C cached columns | Lq query columns]``.
+
+    Cached column j holds absolute position j (page k = positions [k*b, (k+1)*b)); ``cached_valid``
+    ``(B, C)`` is False for padded pages and empty slots.  A query attends every valid cached key
+    (all lie in earlier blocks) and the valid query columns with ``block(key) <= block(query)``.
+    A query row left with nothing to attend (padding) gets a self-loop so softmax sees no empty
+    row; such rows are never read.
+    """
+    batch, cached = cached_valid.shape
+    cached_pos = torch.arange(cached, device=query_positions.device).expand(batch, cached)
+    allowed = masks.block_causal_mask(
+        query_positions, block_size,
+        key_positions=torch.cat([cached_pos, query_positions], dim=1),
+        key_valid=torch.cat([cached_valid, query_valid], dim=1),
+    )
+    empty = ~allowed.any(-1, keepdim=True)  # (B, 1, Lq, 1)
+    if empty.any():
+        eye = torch.eye(query_positions.shape[1], dtype=torch.bool, device=allowed.device)
+        allowed[..., cached:] |= empty & eye
+    return allowed
+
+
+class _PagedLayer(CacheLayerMixin):
+    """One attention layer's entry point into the view (transformers calls ``update`` per layer)."""
+
+    is_sliding = False
+
+    def __init__(self, view: PagedView, layer: int) -> None:
+        super().__init__()
+        self.view, self.layer = view, layer
+        self.is_initialized = True  # the pool is preallocated: nothing to initialise lazily
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.view._update(self.layer, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.view.cached_columns
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.view.cached_columns + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class PagedView(Cache):
+    """The transformers ``Cache`` of one batched forward over paged sequences.
+
+    Sequence i's query covers ``query_blocks[i]`` whole blocks from its committed length; the
+    batch is right-padded to the longest query (``Lq`` columns).  Feed the model
+    ``input_ids`` ``(B, Lq)``, ``position_ids=view.query_positions``,
+    ``attention_mask=view.attention_mask()`` and ``cache=view``; then call
+    ``cache.commit(view, n_blocks)``.  ``query_valid`` ``(B, Lq)`` marks query columns that hold
+    no token (a block cut short by a length limit); columns past a sequence's query are always
+    invalid.  Invalid columns get the position of the sequence's first query column, so padding
+    never feeds the model a position past the real ones.
+    """
+
+    def __init__(
+        self, cache: PagedKVCache, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int,
+        query_valid: torch.Tensor | None,
+    ) -> None:
+        seq_ids = tuple(seq_ids)
+        if not seq_ids:
+            raise ValueError("seq_ids: empty batch")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("seq_ids: a sequence appears twice in one forward")
+        batch, b, dev = len(seq_ids), cache.block_size, cache.device
+        query_blocks = [query_blocks] * batch if isinstance(query_blocks, int) else [int(q) for q in query_blocks]
+        if len(query_blocks) != batch or min(query_blocks) < 1:
+            raise ValueError(f"query_blocks: one count >= 1 per sequence, got {query_blocks} for {batch} sequences")
+        seqs = [cache._seq(sid) for sid in seq_ids]
+
+        self.cache = cache
+        self.seq_ids = seq_ids
+        self.query_blocks = query_blocks
+        self.start_blocks = [s.committed for s in seqs]
+        self.committed_done = False
+        pages = max(self.start_blocks)
+        self.cached_columns = pages * b
+
+        # Page index (B, P): padded slots point at page 0 and are masked out via cached_valid.
+        table = torch.zeros(batch, pages, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            table[i, : s.committed] = torch.tensor(s.pages[: s.committed], dtype=torch.long)
+        self.page_index = table.to(dev)
+        filled = torch.arange(pages)[None, :] < torch.tensor(self.start_blocks)[:, None]
+        self.cached_valid = (cache.page_valid[self.page_index] & filled.to(dev)[:, :, None]).reshape(batch, pages * b)
+
+        lq = max(query_blocks) * b
+        structural = (torch.arange(lq)[None, :] < torch.tensor(query_blocks)[:, None] * b).to(dev)
+        if query_valid is not None:
+            if tuple(query_valid.shape) != (batch, lq):
+                raise ValueError(f"query_valid: shape {tuple(query_valid.shape)}, expected {(batch, lq)}")
+            structural = structural & query_valid.to(device=dev, dtype=torch.bool)
+        self.query_valid = structural
+        starts = torch.tensor(self.start_blocks, device=dev)[:, None] * b
+        self.query_positions = torch.where(structural, starts + torch.arange(lq, device=dev), starts)
+
+        n_layers = cache.geometry.num_layers
+        self.new_keys: list[torch.Tensor | None] = [None] * n_layers
+        self.new_values: list[torch.Tensor | None] = [None] * n_layers
+        super().__init__(layers=[_PagedLayer(self, i) for i in range(n_layers)])
+
+    def attention_mask(self) -> torch.Tensor:
+        """The 4D boolean mask of this forward (``paged_block_mask``)."""
+        return paged_block_mask(self.query_positions, self.query_valid, self.cached_valid, self.cache.block_size)
+
+    def _update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        batch, lq = self.query_positions.shape
+        if key_states.shape[0] != batch or key_states.shape[-2] != lq:
+            raise ValueError(
+                f"input_ids: the forward has {key_states.shape[0]} rows x {key_states.shape[-2]} columns, "
+                f"the view expects {batch} x {lq} (query_positions.shape)"
+            )
+        # Kept for commit; the query's keys never enter the pool unless committed.
+        self.new_keys[layer], self.new_values[layer] = key_states, value_states
+        if self.cached_columns == 0:
+            return key_states, value_states
+        return self._gather(self.cache.keys[layer], key_states), self._gather(self.cache.values[layer], value_states)
+
+    def _gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """``[committed pages | new]`` as ``(B, H, P*b + Lq, D)``, written in one output buffer."""
+        batch, heads, lq, dim = new.shape
+        pages, b = self.page_index.shape[1], self.cache.block_size
+        out = new.new_empty(batch, heads, pages * b + lq, dim)
+        out[:, :, : pages * b].view(batch, heads, pages, b, dim).copy_(pool[self.page_index].transpose(1, 2))
+        out[:, :, pages * b:] = new
+        return out
+
+    # A view lives for one forward; the pool changes only through PagedKVCache.
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("PagedView: the pool changes only through PagedKVCache.commit / free")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        raise NotImplementedError("PagedView: beam search is not supported")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("PagedView: make a new view for another batch")
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        raise NotImplementedError("PagedView: make a new view for another batch")
+
+    def reset(self):
+        raise NotImplementedError("PagedView: the pool changes only through PagedKVCache.commit / free")
