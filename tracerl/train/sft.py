@@ -9,6 +9,7 @@ upstream SFT format: the prompt already templated) or ``{prompt_ids, response_id
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 from dataclasses import dataclass, field
 
@@ -101,7 +102,19 @@ def data_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
+_ROW_FIELDS = ("prompt", "response", "prompt_ids", "response_ids", "step_map")
+
+
 def _validate_row(row: dict, where: str) -> None:
+    # Other keys (ids, sources, metadata) are allowed, but one that looks like a misspelt field
+    # is an error: a misspelt step_map would silently train a left-to-right order.
+    for key in row:
+        if key not in _ROW_FIELDS:
+            close = difflib.get_close_matches(str(key), _ROW_FIELDS, n=1, cutoff=0.75)
+            if close:
+                raise DataError(f"{where}: unknown field {key!r}; did you mean {close[0]!r}?")
+    if "prompt_ids" in row and "prompt" in row:
+        raise DataError(f"{where}: give either prompt/response or prompt_ids/response_ids, not both")
     if "prompt_ids" in row:
         check_field(row, "prompt_ids", list, where)
         check_field(row, "response_ids", list, where)

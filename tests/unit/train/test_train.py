@@ -555,3 +555,20 @@ def test_responses_are_filled_with_eos_to_the_end_of_their_block(tmp_path):
     unpadded, _ = build_examples(model, cut.data, 4)
     assert all(e.response_ids[-1] != eos for e in unpadded)
     assert [len(e.response_ids) for e in unpadded] == [len(e.response_ids) - 1 for e in plain]
+
+
+def test_sft_rows_with_a_misspelt_field_are_refused_before_training(tmp_path):
+    from tracerl.data.jsonl import DataError
+    from tracerl.train.sft import SFTDataConfig, check_sft_data
+
+    path = tmp_path / "sft.jsonl"
+    ok = '{"prompt": "1+1=", "response": "2", "source": "gsm8k", "id": 7}\n'
+    path.write_text(ok)
+    check_sft_data(SFTDataConfig(file=str(path)))  # other keys (metadata) are fine
+    for bad, message in [('{"prompt": "1+1=", "response": "2", "stepmap": [1]}', "did you mean 'step_map'"),
+                         ('{"prompt_id": [1], "response_ids": [2]}', "did you mean 'prompt_ids'"),
+                         ('{"prompt": "a", "response": "b", "prompt_ids": [1], "response_ids": [2]}',
+                          "not both")]:
+        path.write_text(ok + bad + "\n")
+        with pytest.raises(DataError, match=rf"sft.jsonl:2: .*{message}"):
+            check_sft_data(SFTDataConfig(file=str(path)))
