@@ -62,8 +62,17 @@ def _own_dirs():
                 rel = path[len(root.rstrip("/")):] if root != "/" else path
                 found.append((version, point.rstrip("/") + rel))
                 break
-    # v2 first when it has the memory controller; v1's memory controller otherwise.
-    return sorted(found, key=lambda vd: -vd[0])
+    # v2 first where its memory controller is available (a hybrid host may have it in v1 only);
+    # v1's memory controller otherwise.
+    usable = [(v, d) for v, d in found if v == 1 or "memory" in _controllers(d)]
+    return sorted(usable, key=lambda vd: -vd[0])
+
+
+def _controllers(directory):
+    try:
+        return _read(os.path.join(directory, "cgroup.controllers")).split()
+    except OSError:
+        return []
 
 
 def _write(path, text):

@@ -19,6 +19,7 @@ from .syscalls import (
     _CLONE_NEWPID,
     _CLONE_NEWUSER,
     _CLONE_NEWUTS,
+    _PR_SET_DUMPABLE,
     _PR_SET_PDEATHSIG,
     _prctl,
     _unshare,
@@ -99,7 +100,10 @@ class _Sandbox:
             boot = _recv(fr_r, deadline, cap=1 << 20)
             if boot.get("t") != "boot":
                 raise _Protocol(f"{boot.get('error', boot)}")
-            self.protections.update(boot.get("report", {}))
+            report = dict(boot.get("report", {}))
+            # One list of what fell short: C's (namespaces), J's (cgroup) and S's (mounts...).
+            errors = self.protections.get("errors", []) + list(report.pop("errors", []))
+            self.protections.update(report, errors=errors)
             _send(to_w, _harness_payload(), deadline)
             _send(to_w, {"t": "init", "mode": spec["mode"], "program": spec["program"],
                          "limits": limits, "python_path": spec["view"]["python_path"]}, deadline)
@@ -264,13 +268,22 @@ def _intermediary(spec, judge_pid, to_r, fr_w, info_w, uid, workdir):
             except OSError as exc:
                 report["errors"].append(f"unshare ({mode}): {exc.strerror}")
         if ns_mode == "user":
+            # C inherits J's non-dumpable flag, which makes /proc/self/*_map root's files: C
+            # becomes dumpable only while it writes its maps (S, in the new pid namespace,
+            # cannot see C at all).
             try:
+                _prctl(_PR_SET_DUMPABLE, 1)
                 uid_, gid_ = os.getuid(), os.getgid()
                 _write_file("/proc/self/setgroups", "deny")
                 _write_file("/proc/self/uid_map", f"{uid_} {uid_} 1")
                 _write_file("/proc/self/gid_map", f"{gid_} {gid_} 1")
             except OSError as exc:
                 report["errors"].append(f"user namespace id maps: {exc}")
+            finally:
+                try:
+                    _prctl(_PR_SET_DUMPABLE, 0)
+                except OSError:
+                    pass
         if ns_mode != "none":
             report.update(pid_namespace=True, mount_namespace=True, network_namespace=True,
                           ipc_namespace=True, uts_namespace=True,

@@ -386,3 +386,46 @@ def test_stop_iteration_from_the_program_cannot_end_a_test_early(caps):
     r = score_code(program, tests, limits=QUICK)
     assert r.reward == 0.0, r.verdicts
     assert all("StopIteration" in v.detail for v in r.verdicts), r.verdicts
+
+
+# --- an unprivileged caller ------------------------------------------------------------------
+
+
+def test_an_unprivileged_caller_gets_namespaces_and_the_view():
+    """Run as root, drop to ``nobody`` (setpriv) and score there: the user-namespace path (the
+    judge is non-dumpable, so its fork must become dumpable to write its id maps)."""
+    import subprocess
+    import sys
+
+    from tracerl.sandbox.isolation import _path_world_accessible
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run the sandbox as an unprivileged user")
+    if not _path_world_accessible(os.path.realpath(sys.executable)) or not _path_world_accessible(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+        pytest.skip("the interpreter or the source tree is not readable by an unprivileged user here")
+    folder = tempfile.mkdtemp(prefix="tracerl-unprivileged-")  # pytest's tmp_path is root's only
+    os.chmod(folder, 0o755)
+    script = os.path.join(folder, "probe.py")
+    with open(script, "w") as fh:
+        fh.write(textwrap.dedent("""
+        import json
+        from tracerl.rewards.code import CodeTests, Limits, score_code
+        r = score_code("def f():\\n    return 1\\n", CodeTests("function", asserts=("assert f() == 1",)),
+                       limits=Limits(time_limit=5.0))
+        print(json.dumps({"reward": r.reward, "error": r.error, "p": r.protections}))
+    """))
+    try:
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              sys.executable, script], capture_output=True, text=True, timeout=120,
+                             env={"HOME": "/tmp", "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if "unshare (user)" in " ".join(result["p"].get("errors", [])):
+        pytest.skip(f"unprivileged user namespaces are refused here: {result['p']['errors']}")
+    assert result["reward"] == 1.0 and result["error"] is None, result
+    assert result["p"]["namespace_mode"] == "user" and result["p"]["filesystem_view"] == "allowlist"
