@@ -130,7 +130,7 @@ def build_canvas(
     )
 
 
-def _check_prompts(prompts: list[list[int]], model: DiffusionLM) -> None:
+def check_prompts(prompts: list[list[int]], model: DiffusionLM) -> None:
     if not prompts:
         raise ConfigError("prompts: empty list")
     vocab = model.vocab_size
@@ -181,7 +181,7 @@ def generate(
     """
     config = config or SamplingConfig()
     config.validate()
-    _check_prompts(prompts, model)
+    check_prompts(prompts, model)
     randomized = config.temperature > 0 or config.strategy == "random"
     if seeds is not None or randomized:
         seeds = _row_seeds(seeds, config.seed, len(prompts))

@@ -1,0 +1,89 @@
+"""One engine step: a single batched forward, then each request's own draw and unmasking.
+
+Each request's query is its uncommitted final blocks (prompt blocks at prefill, or the block
+that just became final) followed by its current block, against its committed pages; the final
+blocks are committed after the forward, as ``BlockCacheDecoder`` does, so committing costs no
+extra forward.  The forward is the only batched part whose numbers another request could
+touch, and block attention plus the paged mask make it equal to the request's own forward.
+Drawing and selection then run per group of requests with equal decoding settings, each row
+with its own random stream, exactly as ``generate`` runs them for that row: a full block of
+``b`` columns per forward (invalid columns past the length limit included, so streams advance
+alike), ``step_quota`` from the block's own masked count and step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tracerl.engine.kv_cache import PagedKVCache
+from tracerl.engine.sequence import Sequence, randomized
+from tracerl.generation.sampling import draw
+from tracerl.generation.unmasking import select, step_quota
+
+
+def decoding_key(seq: Sequence) -> tuple:
+    """Requests with equal keys can share one draw/select call."""
+    c = seq.config
+    return (c.temperature, c.top_k, c.top_p, c.strategy, c.threshold, c.eb_threshold, seq.steps,
+            randomized(c))
+
+
+class Runner:
+    def __init__(self, model, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.shift = model.spec.logit_shift
+        self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=model.device)
+
+    @torch.no_grad()
+    def step(self, seqs: list[Sequence]) -> int:
+        """One forward over ``seqs``; returns the number of query columns it ran."""
+        b, dev, cache = self.cache.block_size, self.model.device, self.cache
+        committed = [cache.committed_blocks(s.rid) for s in seqs]
+        blocks = [s.block - c + 1 for s, c in zip(seqs, committed)]
+        lq = max(blocks) * b
+        ids = torch.full((len(seqs), lq), seqs[0].pad_id, dtype=torch.long, device=dev)
+        valid = torch.zeros(len(seqs), lq, dtype=torch.bool, device=dev)
+        for i, (s, c, q) in enumerate(zip(seqs, committed, blocks)):
+            ids[i, : q * b] = s.tokens[c * b:(s.block + 1) * b]
+            valid[i, : q * b] = torch.arange(c * b, (s.block + 1) * b, device=dev) < s.end
+        view = cache.view([s.rid for s in seqs], blocks, valid)
+        hidden, _ = self.model.hidden_states(
+            ids, attention_mask=view.attention_mask(), position_ids=view.query_positions,
+            cache=view, use_cache=True,
+        )
+        cache.commit(view, [q - 1 for q in blocks])
+
+        # Hidden states predicting the current block's columns (shifted: one column earlier).
+        offsets = torch.tensor([(q - 1) * b - self.shift for q in blocks], device=dev)
+        cols = (offsets[:, None] + torch.arange(b, device=dev)).clamp_min(0)
+        rows = torch.arange(len(seqs), device=dev)[:, None]
+        logits = self.model.lm_logits(hidden[rows, cols])
+        if self.shift:
+            for i, (s, q) in enumerate(zip(seqs, blocks)):
+                if q > 1:  # column s-1 lies in a block final in this forward: its logits are final
+                    s.carry = logits[i, :1].clone()
+                elif s.block == 0:  # column 0 is a prompt token: nothing predicts it
+                    logits[i, 0] = 0
+                else:
+                    logits[i, :1] = s.carry
+
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(decoding_key(s), []).append(i)
+        for members in groups.values():
+            self._decode([seqs[i] for i in members], logits[members])
+        return int(sum(blocks)) * b
+
+    def _decode(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        c, dev = seqs[0].config, logits.device
+        streams = [s.generator for s in seqs] if randomized(c) else None
+        d = draw(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                 banned_ids=self.banned, generator=streams)
+        masked = torch.stack([s.block_masked() for s in seqs])
+        at_start = torch.tensor([s.at_start for s in seqs], device=dev)
+        step = torch.tensor([s.step for s in seqs], device=dev)
+        chosen = select(c.strategy, d, masked, step_quota(at_start, step, seqs[0].steps),
+                        threshold=c.threshold, eb_threshold=c.eb_threshold, generator=streams)
+        for i, s in enumerate(seqs):
+            s.apply(chosen[i], d.tokens[i], d.logprob[i], d.confidence[i])

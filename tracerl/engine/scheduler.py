@@ -1,0 +1,69 @@
+"""Which requests take part in the next forward, re-decided before every block step.
+
+Memory is the only shared resource that can run out: a running request takes a page for each
+block it commits.  Before each step the scheduler makes the step's commits fit: it preempts the
+most recently admitted requests (their pages are freed and they restart from scratch later,
+which repeats their output exactly; see ``Sequence.reset``) until they do.  The oldest running
+request is therefore never preempted for a younger one, and since every admitted request fits
+the pool alone (checked at submission), the oldest always progresses: no deadlock, no livelock.
+Then it admits waiting requests in order while a slot is free and their first commit fits, with
+one page kept in reserve per running request so admission does not immediately force preemption.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from tracerl.engine.kv_cache import PagedKVCache
+from tracerl.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, max_running: int) -> None:
+        self.cache = cache
+        self.max_running = max_running
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.preemptions = 0
+        self.wasted_row_forwards = 0  # forwards of preempted requests, to be recomputed
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def commit_need(self, seq: Sequence) -> int:
+        """Pages the request's next forward commits (prefill: the prompt's full blocks)."""
+        committed = self.cache.committed_blocks(seq.rid) if seq.rid in self.cache else 0
+        return seq.block - committed
+
+    def schedule(self) -> list[Sequence]:
+        """The requests of the next forward (empty when nothing is left to do)."""
+        while self.running and sum(map(self.commit_need, self.running)) > self.cache.num_free:
+            self._preempt(self.running[-1])
+        budget = self.cache.num_free - sum(map(self.commit_need, self.running))
+        while self.waiting and len(self.running) < self.max_running:
+            head = self.waiting[0]
+            need = self.commit_need(head) + len(self.running)  # reserve: one page per running request
+            if self.running and need > budget:
+                break
+            self.waiting.popleft()
+            self.cache.allocate(head.rid, 0)
+            head.status = Status.PREFILLING
+            self.running.append(head)
+            budget -= self.commit_need(head)
+        return list(self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.free(seq.rid)
+        self.wasted_row_forwards += seq.nfe
+        seq.reset()
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def retire(self, seq: Sequence) -> None:
+        """A finished request leaves the running set and returns its pages."""
+        self.running.remove(seq)
+        self.cache.free(seq.rid)
+
+    def idle(self) -> bool:
+        return not self.running and not self.waiting

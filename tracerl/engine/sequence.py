@@ -1,0 +1,155 @@
+"""One request's decoding state, kept so that its output cannot depend on its batch.
+
+Everything that decides a request's tokens lives here and is per request: its config, its own
+random stream (seeded like ``generate``'s row stream and drawn from only on the request's own
+forwards), its block counter and step counters.  Tokens sit at their absolute positions (index p
+= position p, no left padding), which is exactly what the paged cache assumes.  ``reset`` brings
+the request back to its submitted state, so a preempted request recomputed from scratch repeats
+its first run exactly.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from tracerl.generation.config import SamplingConfig
+from tracerl.generation.sampler import Generation
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # submitted or preempted; holds no pages
+    PREFILLING = "prefilling"  # admitted; its first forward (prompt blocks + first block) is next
+    DENOISING = "denoising"  # decoding block ``block``
+    FINISHED = "finished"
+
+
+def randomized(config: SamplingConfig) -> bool:
+    """Whether the config draws from the random stream (the rule of ``generate``)."""
+    return config.temperature > 0 or config.strategy == "random"
+
+
+class Sequence:
+    """A request: prompt, config, seed and its decoding state (see the module docstring)."""
+
+    def __init__(
+        self, rid: int, prompt: list[int], config: SamplingConfig, seed: int | None, *,
+        block_size: int, mask_id: int, pad_id: int, max_positions: int, stop_ids: tuple[int, ...],
+        device: torch.device,
+    ) -> None:
+        self.rid = rid
+        self.prompt = [int(t) for t in prompt]
+        self.config = config
+        self.seed = seed
+        self.block_size = b = block_size
+        self.mask_id, self.pad_id = mask_id, pad_id
+        self.device = device
+        self.steps = config.steps or b
+        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        n = len(self.prompt)
+        self.end = n + min(config.max_new_tokens, max_positions - n)  # one past the last position
+        self.num_blocks = -(-self.end // b)
+        self.first_block = n // b  # holds the first generated position
+        self.reset()
+
+    @property
+    def max_pages(self) -> int:
+        """Pages the request can hold at once: every block but its last is committed at most."""
+        return self.num_blocks - 1
+
+    def reset(self) -> None:
+        """Back to the submitted state (fresh random stream, nothing decoded)."""
+        n, b, dev = len(self.prompt), self.block_size, self.device
+        cols = self.num_blocks * b
+        self.tokens = torch.full((cols,), self.pad_id, dtype=torch.long, device=dev)
+        self.tokens[:n] = torch.tensor(self.prompt, dtype=torch.long, device=dev)
+        self.tokens[n:self.end] = self.mask_id
+        self.masked = torch.zeros(cols, dtype=torch.bool, device=dev)
+        self.masked[n:self.end] = True
+        self.step_map = torch.zeros(cols, dtype=torch.long, device=dev)
+        self.logprob = torch.zeros(cols, dtype=torch.float32, device=dev)
+        self.confidence = torch.zeros(cols, dtype=torch.float32, device=dev)
+        self.nfe = 0
+        self.block = self.first_block
+        self.step = 0  # forwards spent on the current block
+        self.at_start = int(self.block_masked().sum())
+        self.carry: torch.Tensor | None = None  # shifted family: logits of the block's column s-1
+        self.finished_at = -1  # position of the stop token
+        self.finish_reason: str | None = None
+        self.status = Status.WAITING
+        self.generator = None
+        if randomized(self.config):
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(self.seed)
+
+    # -- the current block ---------------------------------------------------------------------
+    @property
+    def block_start(self) -> int:
+        return self.block * self.block_size
+
+    def block_masked(self) -> torch.Tensor:
+        s = self.block_start
+        return self.masked[s:s + self.block_size]
+
+    def apply(self, chosen: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor,
+              confidence: torch.Tensor) -> None:
+        """Record one forward's unmasking of the current block (all ``(b,)``); when the block
+        becomes final, check for a stop token, then finish or move to the next block."""
+        s, e = self.block_start, self.block_start + self.block_size
+        self.nfe += 1
+        self.step += 1
+        self.status = Status.DENOISING
+        self.tokens[s:e] = torch.where(chosen, tokens, self.tokens[s:e])
+        self.step_map[s:e] = torch.where(chosen, torch.full_like(self.step_map[s:e], self.nfe), self.step_map[s:e])
+        self.logprob[s:e] = torch.where(chosen, logprob.float(), self.logprob[s:e])
+        self.confidence[s:e] = torch.where(chosen, confidence.float(), self.confidence[s:e])
+        self.masked[s:e] &= ~chosen
+        if self.masked[s:e].any():
+            return
+        lo, hi = max(s, len(self.prompt)), min(e, self.end)  # generated positions of the block
+        stops = torch.isin(self.tokens[lo:hi], self.stop_ids).nonzero()
+        if len(stops):
+            self.finished_at = lo + int(stops[0])
+            self.finish("stop")
+        elif e >= self.end:
+            self.finish("length")
+        else:
+            self.block += 1
+            self.step = 0
+            self.at_start = int(self.block_masked().sum())
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.status = Status.FINISHED
+        self.generator = None
+
+    # -- output ----------------------------------------------------------------------------
+    def to_generation(self, model) -> Generation:
+        """The ``Generation`` that ``generate`` returns for this prompt, config and seed."""
+        if self.status is not Status.FINISHED:
+            raise ValueError(f"request {self.rid}: not finished ({self.status.value})")
+        n, b = len(self.prompt), self.block_size
+        tokens, steps = self.tokens.tolist(), self.step_map.tolist()
+        stop = self.finished_at
+        end = stop + 1 if stop >= 0 else self.end
+        response = tokens[n:end]
+        tail_ids, tail_steps = [], []
+        if stop >= 0:  # block attention: later blocks were never visible, so no masked tail
+            block_end = min((stop // b + 1) * b, self.end)
+            tail_ids, tail_steps = tokens[end:block_end], steps[end:block_end]
+        with_lp = self.config.return_logprobs
+        return Generation(
+            prompt_ids=list(self.prompt),
+            response_ids=response,
+            text=model.tokenizer.decode(response, skip_special_tokens=False),
+            step_map=steps[n:end],
+            nfe=self.nfe,
+            finish_reason="stop" if stop >= 0 else "length",
+            block_size=b,
+            family=model.family,
+            logprobs=self.logprob.tolist()[n:end] if with_lp else None,
+            confidences=self.confidence.tolist()[n:end] if with_lp else None,
+            tail_ids=tail_ids,
+            tail_steps=tail_steps,
+        )
