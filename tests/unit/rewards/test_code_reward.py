@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import textwrap
 import threading
 import time
 
@@ -26,26 +25,18 @@ from tracerl.rewards.code import (
     score_many,
 )
 from tracerl.rewards.code import tests_from_problem as problem_tests
+from tests.support.sandbox import prog, statuses, works_or_fail
+
+
+@pytest.fixture(scope="module")
+def caps():
+    return works_or_fail()
+
 
 FAST = Limits(time_limit=0.5, setup_time=1.0, total_time=15.0)  # for programs that overrun
 EASY = Limits(time_limit=3.0, setup_time=3.0)  # for programs that should pass, on a busy host
 ADD = CodeTests("function", asserts=("assert add(1, 2) == 3", "assert add(5, 7) == 12"))
 THIS_FILE = os.path.abspath(__file__)
-
-
-def prog(src: str) -> str:
-    return textwrap.dedent(src).lstrip("\n")
-
-
-@pytest.fixture(scope="module")
-def caps():
-    c = sandbox_capabilities()
-    assert c["works"], c
-    return c
-
-
-def statuses(result):
-    return [v.status for v in result.verdicts]
 
 
 def procs_of_uid(uid):

@@ -16,24 +16,16 @@ import textwrap
 
 import pytest
 
-from tracerl.rewards.code import CodeTests, Limits, sandbox_capabilities, score_code
-
-QUICK = Limits(time_limit=2.0, setup_time=3.0, total_time=30.0)
-
-
-def prog(src: str) -> str:
-    return textwrap.dedent(src).lstrip("\n")
-
-
-def statuses(result):
-    return [v.status for v in result.verdicts]
+from tests.support.sandbox import prog, statuses, works_or_fail
+from tracerl.rewards.code import CodeTests, Limits, score_code
 
 
 @pytest.fixture(scope="module")
 def caps():
-    c = sandbox_capabilities()
-    assert c["works"], c
-    return c
+    return works_or_fail()
+
+
+QUICK = Limits(time_limit=2.0, setup_time=3.0, total_time=30.0)
 
 
 # --- 1. the file system: an allowlist, not a denylist ---------------------------------------
