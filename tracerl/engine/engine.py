@@ -7,7 +7,8 @@ blocks in a shared paged KV cache.  A request's output is a function of the mode
 its config and its seed only, as with ``generate``: the same tokens, step map, nfe, finish reason
 and tail, whatever else runs, and after a preemption too.
 
-Stats (``Engine.stats``, summed over calls): ``forwards`` batched forwards; ``row_forwards``
+Stats (``Engine.stats``, summed over calls): ``forwards`` batched block steps (a step that
+prefills runs the prefill in a second model call, counted in ``model_calls``); ``row_forwards``
 request-rows over all forwards; ``rows_per_forward`` their ratio; ``wasted_row_forwards``
 row-forwards of preempted runs (recomputed); ``forward_fraction`` = (row_forwards -
 wasted_row_forwards) / (forwards * max_running): the share of the batch slots that did useful
@@ -34,6 +35,7 @@ from tracerl.generation.seeds import check_seed_value, derive_seed
 class EngineStats:
     seconds: float = 0.0
     forwards: int = 0
+    model_calls: int = 0
     row_forwards: int = 0
     wasted_row_forwards: int = 0
     query_tokens: int = 0  # query columns over all forwards (padding excluded)
@@ -118,6 +120,7 @@ class Engine:
             for s in list(scheduler.running):
                 scheduler.retire(s)
         results = [s.to_generation(self.model) for s in seqs]
+        self.stats.model_calls += runner.model_calls
         self.stats.preemptions += scheduler.preemptions
         self.stats.wasted_row_forwards += scheduler.wasted_row_forwards
         self.stats.requests += len(seqs)

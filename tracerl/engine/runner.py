@@ -34,11 +34,37 @@ class Runner:
         self.cache = cache
         self.shift = model.spec.logit_shift
         self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=model.device)
+        self.model_calls = 0  # forwards of the model (a step with a prefill makes two)
 
     @torch.no_grad()
     def step(self, seqs: list[Sequence]) -> int:
-        """One forward over ``seqs``; returns the number of query columns it ran."""
+        """One block step of ``seqs``; returns the number of query columns it ran.
+
+        Requests with a long query (a prefill) run in a forward of their own: in one padded
+        batch every decoding row would be padded to the prefill's length."""
+        b = self.cache.block_size
+        queries = [s.block - self.cache.committed_blocks(s.rid) + 1 for s in seqs]
+        short = [i for i, q in enumerate(queries) if q <= 2]  # the current block (+ one to commit)
+        long = [i for i, q in enumerate(queries) if q > 2]
+        logits = None
+        for members in (short, long):
+            if not members:
+                continue
+            part = self._forward([seqs[i] for i in members])
+            if logits is None:
+                logits = part.new_empty((len(seqs),) + part.shape[1:])
+            logits[members] = part
+        groups: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(decoding_key(s), []).append(i)
+        for members in groups.values():
+            self._decode([seqs[i] for i in members], logits[members])
+        return int(sum(queries)) * b
+
+    def _forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One batched forward over ``seqs``; the logits predicting each current block (B, b, V)."""
         b, dev, cache = self.cache.block_size, self.model.device, self.cache
+        self.model_calls += 1
         committed = [cache.committed_blocks(s.rid) for s in seqs]
         blocks = [s.block - c + 1 for s, c in zip(seqs, committed)]
         lq = max(blocks) * b
@@ -67,13 +93,7 @@ class Runner:
                     logits[i, 0] = 0
                 else:
                     logits[i, :1] = s.carry
-
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(seqs):
-            groups.setdefault(decoding_key(s), []).append(i)
-        for members in groups.values():
-            self._decode([seqs[i] for i in members], logits[members])
-        return int(sum(blocks)) * b
+        return logits
 
     def _decode(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         c, dev = seqs[0].config, logits.device

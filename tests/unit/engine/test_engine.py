@@ -93,6 +93,7 @@ def test_greedy_many_requests_equal_generate(model):
     assert st.forwards > 0 and st.preemptions == 0 and st.requests == 54
     # Slots are refilled at every block step: only the last few forwards run short.
     assert st.rows_per_forward <= 8 and 0.75 < st.forward_fraction <= 1
+    assert st.forwards < st.model_calls  # prefills admitted mid-run had a forward of their own
 
 
 def test_seeded_sampling_alone_equals_in_a_crowd(model):
