@@ -9,7 +9,7 @@ import signal
 import sys
 
 from .limits import Limits
-from .view import view_plan
+from .view import _outermost, view_plan
 
 
 # =============================================================================================
@@ -31,11 +31,6 @@ def _interpreter(limits):
         keep += [os.path.realpath(sys.prefix), os.path.dirname(os.path.realpath(sys.executable))]
     keep += [os.path.realpath(p) for p in plan["python_path"]]
     return plan, _outermost(keep)
-
-
-def _outermost(paths):
-    paths = sorted(set(paths))
-    return [p for p in paths if not any(p.startswith(q + "/") for q in paths if q != p)]
 
 
 def _hidden_paths(limits, keep):

@@ -21,6 +21,8 @@ import os
 import signal
 import time
 
+from .syscalls import _write_file
+
 _PREFIX = "tracerl-sandbox-"
 _COUNTER = itertools.count()
 
@@ -73,11 +75,6 @@ def _controllers(directory):
         return _read(os.path.join(directory, "cgroup.controllers")).split()
     except OSError:
         return []
-
-
-def _write(path, text):
-    with open(path, "w") as fh:
-        fh.write(text)
 
 
 def _read(path):
@@ -139,19 +136,19 @@ class MemoryCgroup:
         if self.version == 2:
             if not os.path.exists(os.path.join(self.path, "memory.max")):
                 # Enable the controller for children (refused where the parent has processes).
-                _write(os.path.join(parent, "cgroup.subtree_control"), "+memory")
-            _write(os.path.join(self.path, "memory.max"), str(limit_bytes))
+                _write_file(os.path.join(parent, "cgroup.subtree_control"), "+memory")
+            _write_file(os.path.join(self.path, "memory.max"), str(limit_bytes))
             if os.path.exists(os.path.join(self.path, "memory.swap.max")):
-                _write(os.path.join(self.path, "memory.swap.max"), "0")
+                _write_file(os.path.join(self.path, "memory.swap.max"), "0")
         else:
-            _write(os.path.join(self.path, "memory.limit_in_bytes"), str(limit_bytes))
+            _write_file(os.path.join(self.path, "memory.limit_in_bytes"), str(limit_bytes))
             memsw = os.path.join(self.path, "memory.memsw.limit_in_bytes")
             if os.path.exists(memsw):  # swap accounting: memory + swap, the same limit
-                _write(memsw, str(limit_bytes))
+                _write_file(memsw, str(limit_bytes))
 
     def add(self, pid):
         """Move process ``pid`` (and so everything it forks later) into the cgroup."""
-        _write(os.path.join(self.path, "cgroup.procs"), str(pid))
+        _write_file(os.path.join(self.path, "cgroup.procs"), str(pid))
 
     def oom_kills(self):
         """How many of the program's processes the kernel killed for exceeding the limit."""
