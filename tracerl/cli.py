@@ -171,7 +171,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json(result)
         return 0
-    raise TracerlError(f"bench: unknown benchmark {args.what!r}; valid: generate, train")
+    if args.what == "engine":
+        from tracerl.recipes.bench_engine import bench_engine, format_engine_table
+
+        result = bench_engine(model_name=args.model, device=args.device, quick=args.quick)
+        print(format_engine_table(result), file=sys.stderr if args.json else sys.stdout)
+        if args.json:
+            _emit_json(result)
+        return 0
+    raise TracerlError(f"bench: unknown benchmark {args.what!r}; valid: generate, train, engine")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -424,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("bench", help="benchmarks (generate, train)")
-    p.add_argument("what", help="benchmark name: generate, train")
+    p = sub.add_parser("bench", help="benchmarks (generate, train, engine)")
+    p.add_argument("what", help="benchmark name: generate, train, engine")
     p.add_argument("--model", default="tiny-block")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")

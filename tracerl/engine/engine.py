@@ -21,7 +21,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from tracerl.engine.kv_cache import PagedKVCache
+from tracerl.engine.kv_cache import CacheGeometry, PagedKVCache
 from tracerl.engine.runner import Runner
 from tracerl.engine.scheduler import Scheduler
 from tracerl.engine.sequence import Sequence, Status, randomized
@@ -80,6 +80,7 @@ class Engine:
         if num_pages is not None or budget_bytes is not None:
             self.cache = PagedKVCache.for_model(model, num_pages=num_pages, budget_bytes=budget_bytes)
         self.stats = EngineStats(max_running=max_running)
+        self.kv_bytes_per_token = CacheGeometry.from_model(model).bytes_per_token
 
     def generate(
         self, prompts: list[list[int]], configs: SamplingConfig | list[SamplingConfig] | None = None,
