@@ -145,6 +145,7 @@ class Engine:
         tok = model.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         b = model.block_size
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731 (as generate's)
         out = []
         for i, (prompt, config) in enumerate(zip(prompts, configs)):
             config.validate()
@@ -160,5 +161,6 @@ class Engine:
             out.append(Sequence(
                 i, prompt, config, seed, block_size=b, mask_id=model.mask_token_id, pad_id=pad_id,
                 max_positions=model.max_positions, stop_ids=tuple(stops), device=model.device,
+                stop_strings=config.stop, decode=decode,
             ))
         return out

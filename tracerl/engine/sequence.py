@@ -16,6 +16,7 @@ import torch
 
 from tracerl.generation.config import SamplingConfig
 from tracerl.generation.sampler import Generation
+from tracerl.generation.stops import stop_string_end
 
 
 class Status(enum.Enum):
@@ -36,8 +37,11 @@ class Sequence:
     def __init__(
         self, rid: int, prompt: list[int], config: SamplingConfig, seed: int | None, *,
         block_size: int, mask_id: int, pad_id: int, max_positions: int, stop_ids: tuple[int, ...],
-        device: torch.device,
+        device: torch.device, stop_strings: tuple[str, ...] = (), decode=None,
     ) -> None:
+        """``stop_strings`` (with ``decode``: token ids -> text, the tokenizer's decode with
+        ``skip_special_tokens=False``) end the response as in ``generate``: checked when a block
+        is final, on the text generated so far before the block's first stop token."""
         self.rid = rid
         self.prompt = [int(t) for t in prompt]
         self.config = config
@@ -47,6 +51,10 @@ class Sequence:
         self.device = device
         self.steps = config.steps or b
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.stop_strings = tuple(stop_strings)
+        if self.stop_strings and decode is None:
+            raise ValueError("Sequence: stop_strings need decode")
+        self.decode = decode
         n = len(self.prompt)
         self.end = n + min(config.max_new_tokens, max_positions - n)  # one past the last position
         self.num_blocks = -(-self.end // b)
@@ -95,7 +103,7 @@ class Sequence:
     def apply(self, chosen: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor,
               confidence: torch.Tensor) -> None:
         """Record one forward's unmasking of the current block (all ``(b,)``); when the block
-        becomes final, check for a stop token, then finish or move to the next block."""
+        becomes final, check for a stop string or token, then finish or move to the next block."""
         s, e = self.block_start, self.block_start + self.block_size
         self.nfe += 1
         self.step += 1
@@ -109,7 +117,11 @@ class Sequence:
             return
         lo, hi = max(s, len(self.prompt)), min(e, self.end)  # generated positions of the block
         stops = torch.isin(self.tokens[lo:hi], self.stop_ids).nonzero()
-        if len(stops):
+        string_end = self._stop_string_end(lo, lo + int(stops[0]) if len(stops) else hi)
+        if string_end is not None:
+            self.finished_at = string_end
+            self.finish("stop")
+        elif len(stops):
             self.finished_at = lo + int(stops[0])
             self.finish("stop")
         elif e >= self.end:
@@ -118,6 +130,15 @@ class Sequence:
             self.block += 1
             self.step = 0
             self.at_start = int(self.block_masked().sum())
+
+    def _stop_string_end(self, lo: int, cut: int) -> int | None:
+        """Position of the token completing a stop string in the response before ``cut`` (the
+        block's first stop token or its end), if one is completed at or after ``lo``."""
+        if not self.stop_strings:
+            return None
+        n = len(self.prompt)
+        found = stop_string_end(self.tokens[n:cut].tolist(), self.decode, self.stop_strings, start=lo - n)
+        return None if found is None else n + found[0] - 1
 
     def finish(self, reason: str) -> None:
         self.finish_reason = reason

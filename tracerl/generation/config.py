@@ -26,6 +26,9 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     stop_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's eos (+ <|im_end|>)
+    # Stop strings, checked when a block is final on the decoded response (tracerl.generation.stops);
+    # the response ends with the token that completes the first one.
+    stop: tuple[str, ...] = ()
     use_cache: bool = True  # exact block KV cache (block attention); off = the uncached reference
     full_cache: str = "none"  # full-attention models: none | prefix | dual
     # Request i of a generate() call without explicit `seeds=` uses derive_seed(seed, i); pass
@@ -64,6 +67,14 @@ class SamplingConfig:
             self.seed = check_seed_value(self.seed, "seed")
         if self.stop_token_ids is not None:
             self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        if not isinstance(self.stop, (list, tuple)):
+            raise bad("stop", f"must be a list of non-empty strings, got {self.stop!r}")
+        for i, s in enumerate(self.stop):
+            if not isinstance(s, str) or not s:
+                raise bad("stop", f"item {i} must be a non-empty string, got {s!r}")
+        self.stop = tuple(self.stop)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,6 +38,7 @@ from tracerl.generation.config import SamplingConfig
 from tracerl.generation.decoders import make_decoder
 from tracerl.generation.sampling import draw
 from tracerl.generation.seeds import check_seed_value, derive_seed
+from tracerl.generation.stops import stop_string_end
 from tracerl.generation.unmasking import select, step_quota
 from tracerl.models.model import DiffusionLM
 
@@ -49,7 +50,7 @@ class Generation:
     """One generated response and its decoding trace."""
 
     prompt_ids: list[int]
-    response_ids: list[int]  # through the stop token, if one was produced
+    response_ids: list[int]  # through the stop token (or the token completing a stop string)
     text: str
     step_map: list[int]  # per response token: the row's 1-based forward that unmasked it
     nfe: int  # denoising forwards this row took part in
@@ -178,6 +179,9 @@ def generate(
     ``config``, never on the other prompts of the call or its position among them; pass
     ``seeds=`` for request identities that do not depend on the call.  Greedy decoding
     (temperature 0, any rule but ``random``) draws nothing and ignores the seeds.
+
+    Stops.  When a block is final, a row ends at its first stop token or, if earlier, at the
+    token completing a stop string of ``config.stop`` (``tracerl.generation.stops``).
     """
     config = config or SamplingConfig()
     config.validate()
@@ -238,6 +242,9 @@ def generate(
             confidence[:, s:e] = torch.where(chosen, d.confidence, confidence[:, s:e])
             masked &= ~chosen
         canvas.masked[:, s:e] = False
+        if config.stop:
+            _finish_rows_at_stop_strings(canvas, s, e, stop_ids, finished_at, pad_id, config.stop,
+                                         lambda ids: tok.decode(ids, skip_special_tokens=False))
         _finish_stopped_rows(canvas, s, e, stop_ids, finished_at, pad_id)
         if not canvas.masked[:, e:].any():
             break
@@ -264,6 +271,32 @@ def _finish_stopped_rows(
         first = torch.where(is_stop, cols[None, :], torch.full_like(is_stop, e, dtype=torch.long)).min(-1).values
         finished_at[hit] = first[hit]
         rows = hit.nonzero().squeeze(-1)
+        canvas.masked[rows, e:] = False  # nothing more to decode for these rows
+        canvas.tokens[rows, e:] = pad_id
+
+
+def _finish_rows_at_stop_strings(
+    canvas: Canvas, s: int, e: int, stop_ids: torch.Tensor, finished_at: torch.Tensor, pad_id: int,
+    stops: tuple[str, ...], decode,
+) -> None:
+    """After a block is final, before ``_finish_stopped_rows``: a row whose response so far
+    contains a stop string ends at the token completing it, if that comes before the block's
+    first stop token (the earlier stop wins; the text checked excludes the stop token)."""
+    open_rows = ((finished_at < 0) & (canvas.gen_end > s)).nonzero().squeeze(-1).tolist()
+    if not open_rows:
+        return
+    starts, ends = canvas.gen_start.tolist(), canvas.gen_end.tolist()
+    stop_set = set(stop_ids.tolist())
+    rows = []
+    for r, row in zip(open_rows, canvas.tokens[open_rows, :e].tolist()):
+        lo, hi = max(s, starts[r]), min(e, ends[r])  # the row's generated columns in the block
+        cut = next((c for c in range(lo, hi) if row[c] in stop_set), hi)
+        found = stop_string_end(row[starts[r]:cut], decode, stops, start=lo - starts[r])
+        if found is not None:
+            finished_at[r] = starts[r] + found[0] - 1
+            rows.append(r)
+    if rows:
+        rows = torch.tensor(rows, device=canvas.tokens.device)
         canvas.masked[rows, e:] = False  # nothing more to decode for these rows
         canvas.tokens[rows, e:] = pad_id
 
