@@ -95,13 +95,13 @@ class Engine:
         t0 = time.perf_counter()
         seqs = self._requests(prompts, configs, seeds)
         cache = self.cache or PagedKVCache.for_model(
-            self.model, num_pages=max(1, sum(sorted((s.max_pages for s in seqs), reverse=True)[: self.max_running])),
+            self.model, num_pages=max(1, sum(sorted((s.num_blocks for s in seqs), reverse=True)[: self.max_running])),
         )
         for s in seqs:
-            if s.max_pages > cache.num_pages:
+            if s.num_blocks > cache.num_pages:
                 raise ConfigError(
                     f"num_pages: request {s.rid} (prompt {len(s.prompt)} tokens + max_new_tokens "
-                    f"{s.config.max_new_tokens}) needs up to {s.max_pages} KV pages, the pool has "
+                    f"{s.config.max_new_tokens}) needs up to {s.num_blocks} KV pages, the pool has "
                     f"{cache.num_pages}; raise num_pages / budget_bytes or lower max_new_tokens"
                 )
         scheduler = Scheduler(cache, self.max_running)

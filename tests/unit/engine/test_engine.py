@@ -126,7 +126,7 @@ def test_preemption_gives_identical_outputs(model):
     seeds = list(range(100, 114))
     unlimited = Engine(model, max_running=8)
     want = unlimited.generate(prompts, configs, seeds=seeds)
-    need = max(-(-(len(p) + 32) // model.block_size) - 1 for p in prompts)
+    need = max(-(-(len(p) + 32) // model.block_size) for p in prompts)  # pages of the largest
     small = Engine(model, max_running=8, num_pages=need + 2)  # far less than 8 requests at once
     got = small.generate(prompts, configs, seeds=seeds)
     assert_same(got, want)
@@ -159,7 +159,7 @@ def test_context_limit_cuts_the_last_block(model, block_size):
 
 def test_request_larger_than_pool_is_refused(model):
     engine = Engine(model, num_pages=4)
-    prompt = [65, 66]  # needs 1 page with 4 new tokens, 16 with 64
+    prompt = [65, 66]  # needs 2 pages with 4 new tokens, 17 with 64
     with pytest.raises(ConfigError, match=r"^num_pages: request 1 .* needs up to \d+ KV pages, the pool has 4"):
         engine.generate([prompt, prompt], [SamplingConfig(max_new_tokens=4), SamplingConfig(max_new_tokens=64)])
     assert engine.stats.forwards == 0  # refused before any work
