@@ -10,9 +10,12 @@ and tail, whatever else runs, and after a preemption too.
 Stats (``Engine.stats``, summed over calls): ``forwards`` batched block steps (a step that
 prefills runs the prefill in a second model call, counted in ``model_calls``); ``row_forwards``
 request-rows over all forwards; ``rows_per_forward`` their ratio; ``wasted_row_forwards``
-row-forwards of preempted runs (recomputed); ``forward_fraction`` = (row_forwards -
-wasted_row_forwards) / (forwards * max_running): the share of the batch slots that did useful
-work (1.0 = every forward ran full).
+row-forwards of preempted runs (recomputed); ``forward_seconds`` wall time inside model calls and
+``forward_fraction`` its share of the engine's time (what ``tracerl bench generate`` calls
+forward_fraction: the rest is scheduling and per-request bookkeeping); ``slot_occupancy`` =
+(row_forwards - wasted_row_forwards) / (forwards * max_running), the share of the batch slots
+that did useful work (1.0 = every forward ran full; the last requests of a call run with the
+slots of finished ones empty).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tracerl.generation.seeds import check_seed_value, derive_seed
 @dataclass
 class EngineStats:
     seconds: float = 0.0
+    forward_seconds: float = 0.0
     forwards: int = 0
     model_calls: int = 0
     row_forwards: int = 0
@@ -50,6 +54,10 @@ class EngineStats:
 
     @property
     def forward_fraction(self) -> float:
+        return self.forward_seconds / self.seconds if self.seconds else 0.0
+
+    @property
+    def slot_occupancy(self) -> float:
         if not self.forwards:
             return 0.0
         return (self.row_forwards - self.wasted_row_forwards) / (self.forwards * self.max_running)
@@ -121,7 +129,8 @@ class Engine:
             for s in list(scheduler.running):
                 scheduler.retire(s)
         results = [s.to_generation(self.model) for s in seqs]
-        self.stats.model_calls += runner.model_calls
+        self.stats.model_calls += runner.timer.forwards
+        self.stats.forward_seconds += runner.timer.seconds
         self.stats.preemptions += scheduler.preemptions
         self.stats.wasted_row_forwards += scheduler.wasted_row_forwards
         self.stats.requests += len(seqs)

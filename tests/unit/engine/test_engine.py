@@ -92,7 +92,7 @@ def test_greedy_many_requests_equal_generate(model):
     st = engine.stats
     assert st.forwards > 0 and st.preemptions == 0 and st.requests == 54
     # Slots are refilled at every block step: only the last few forwards run short.
-    assert st.rows_per_forward <= 8 and 0.75 < st.forward_fraction <= 1
+    assert st.rows_per_forward <= 8 and 0.75 < st.slot_occupancy <= 1 and 0 < st.forward_fraction < 1
     assert st.forwards < st.model_calls  # prefills admitted mid-run had a forward of their own
 
 
@@ -131,7 +131,7 @@ def test_preemption_gives_identical_outputs(model):
     got = small.generate(prompts, configs, seeds=seeds)
     assert_same(got, want)
     assert small.stats.preemptions > 0 and small.stats.wasted_row_forwards > 0
-    assert small.stats.forward_fraction < unlimited.stats.forward_fraction
+    assert small.stats.slot_occupancy < unlimited.stats.slot_occupancy
     assert small.cache.num_free == small.cache.num_pages  # every page came back
     # The tightest pool (the largest request alone) still completes everything: no deadlock.
     tight = Engine(model, max_running=8, num_pages=need)
