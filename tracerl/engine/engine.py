@@ -10,9 +10,12 @@ and tail, whatever else runs, and after a preemption too.
 Stats (``Engine.stats``, summed over calls): ``forwards`` batched block steps (a step that
 prefills runs the prefill in a second model call, counted in ``model_calls``); ``row_forwards``
 request-rows over all forwards; ``rows_per_forward`` their ratio; ``wasted_row_forwards``
-row-forwards of preempted runs (recomputed); ``forward_fraction`` = (row_forwards -
-wasted_row_forwards) / (forwards * max_running): the share of the batch slots that did useful
-work (1.0 = every forward ran full).
+row-forwards of preempted runs (recomputed); ``forward_seconds`` wall time inside model calls and
+``forward_fraction`` its share of the engine's time (what ``tracerl bench generate`` calls
+forward_fraction: the rest is scheduling and per-request bookkeeping); ``slot_occupancy`` =
+(row_forwards - wasted_row_forwards) / (forwards * max_running), the share of the batch slots
+that did useful work (1.0 = every forward ran full; the last requests of a call run with the
+slots of finished ones empty).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tracerl.generation.seeds import check_seed_value, derive_seed
 @dataclass
 class EngineStats:
     seconds: float = 0.0
+    forward_seconds: float = 0.0
     forwards: int = 0
     model_calls: int = 0
     row_forwards: int = 0
@@ -50,6 +54,10 @@ class EngineStats:
 
     @property
     def forward_fraction(self) -> float:
+        return self.forward_seconds / self.seconds if self.seconds else 0.0
+
+    @property
+    def slot_occupancy(self) -> float:
         if not self.forwards:
             return 0.0
         return (self.row_forwards - self.wasted_row_forwards) / (self.forwards * self.max_running)
@@ -95,13 +103,13 @@ class Engine:
         t0 = time.perf_counter()
         seqs = self._requests(prompts, configs, seeds)
         cache = self.cache or PagedKVCache.for_model(
-            self.model, num_pages=max(1, sum(sorted((s.max_pages for s in seqs), reverse=True)[: self.max_running])),
+            self.model, num_pages=max(1, sum(sorted((s.num_blocks for s in seqs), reverse=True)[: self.max_running])),
         )
         for s in seqs:
-            if s.max_pages > cache.num_pages:
+            if s.num_blocks > cache.num_pages:
                 raise ConfigError(
                     f"num_pages: request {s.rid} (prompt {len(s.prompt)} tokens + max_new_tokens "
-                    f"{s.config.max_new_tokens}) needs up to {s.max_pages} KV pages, the pool has "
+                    f"{s.config.max_new_tokens}) needs up to {s.num_blocks} KV pages, the pool has "
                     f"{cache.num_pages}; raise num_pages / budget_bytes or lower max_new_tokens"
                 )
         scheduler = Scheduler(cache, self.max_running)
@@ -121,7 +129,8 @@ class Engine:
             for s in list(scheduler.running):
                 scheduler.retire(s)
         results = [s.to_generation(self.model) for s in seqs]
-        self.stats.model_calls += runner.model_calls
+        self.stats.model_calls += runner.timer.forwards
+        self.stats.forward_seconds += runner.timer.seconds
         self.stats.preemptions += scheduler.preemptions
         self.stats.wasted_row_forwards += scheduler.wasted_row_forwards
         self.stats.requests += len(seqs)

@@ -9,8 +9,10 @@ for many sequences that each sit at their own point of decoding.
 Layout.
 * A **page** holds the keys and values of one diffusion block, ``block_size`` consecutive token
   positions, for every layer.  Each layer has a preallocated pool ``keys[layer]`` /
-  ``values[layer]`` of shape ``(num_pages, kv_heads, block_size, head_dim)`` (the model's dtype
-  and device), and ``page_valid`` ``(num_pages, block_size)`` says which slots hold a real token.
+  ``values[layer]`` of shape ``(num_pages, block_size, kv_heads, head_dim)`` (the model's dtype
+  and device; token-major, so a gathered page table is already the ``(B, L, heads, dim)`` layout
+  attention reads through a transpose, without a second copy), and ``page_valid``
+  ``(num_pages, block_size)`` says which slots hold a real token.
 * Positions are absolute and start at 0 for every sequence (a sequence has no left padding: its
   token index p is its position p), so **page k of a sequence's page table holds positions
   [k*b, (k+1)*b)**.  A sequence's committed part is always whole pages: ``committed_length`` is a
@@ -20,32 +22,39 @@ Layout.
   final, like any other block.  Positions that hold no token (a last block cut short by the
   sequence's length limit) are committed as invalid slots and never attended.
 * ``allocate`` may reserve pages ahead of time (a scheduler that wants admission to guarantee
-  memory); ``commit`` fills reserved pages first and takes free pages when none is left.
+  memory); ``view`` uses reserved pages first and takes free pages when none is left.
 
 One forward.  Each sequence of the batch contributes its *query columns*: the blocks that are
 final but not yet committed (prefill, or the block that just finished) followed by the block being
 denoised, i.e. positions ``[committed_length, committed_length + n*b)``.  ``PagedKVCache.view``
-returns a ``PagedView``, a transformers ``Cache`` for that one forward: in every attention layer
-``update`` gathers the sequences' committed pages into ``(B, kv_heads, P*b, head_dim)`` (P = the
-longest committed page table of the batch; shorter tables are padded and the padding masked out)
-and returns ``[gathered | new]``; ``view.attention_mask()`` (``paged_block_mask``) is the matching
-mask.  The view keeps the new keys/values, and ``commit(view, n_blocks)`` then writes the first
-``n_blocks[i]`` query blocks of sequence i into pages and drops the rest (the block still being
-denoised).  This is the sampler's rule, "a finished block is committed by the first forward of
-the next block", so committing costs no extra forward.
+gives every query block a page of the sequence (its next pages: reserved ones first, then free
+ones) and returns a ``PagedView``, a transformers ``Cache`` for that one forward.  In every
+attention layer ``update`` first writes the query's new keys/values into those pages, then
+gathers each sequence's pages ``[0, committed + n)`` in one indexing copy and returns them as
+``(B, kv_heads, P*b, head_dim)`` (P = the longest such table of the batch; shorter tables are
+padded and the padding masked out); ``view.attention_mask()`` (``paged_block_mask``) is the
+matching mask.  Writing before reading is what makes the query see its own block: the gathered
+tensor already holds it, so there is no concatenation and no second copy.  ``commit(view,
+n_blocks)`` then only marks the first ``n_blocks[i]`` query blocks of sequence i as committed;
+the pages of the other query blocks (the block still being denoised) stay the sequence's, holding
+provisional keys that the next forward overwrites.  This is the sampler's rule, "a finished block
+is committed by the first forward of the next block", so committing costs no extra forward and
+no copy.
 
 Why pages rather than one fixed slot of ``max_len`` columns per sequence.
 * Pages are diffusion blocks, the unit in which keys become final, so a page is written once,
   whole, and never partly filled (except a sequence's last, length-capped block).
-* A sequence holds memory only for what it has committed, not for its maximum length, so more
+* A sequence holds memory only for what it has decoded so far (its committed blocks and the
+  block being denoised), not for its maximum length, so more
   sequences fit; any free page fits any sequence, so there is no external fragmentation and no
   compaction.
 * Preemption is ``free(seq_id)``: all its pages go back at once (the sequence is recomputed when
   it is resumed).
 * Memory is accounted per page: ``bytes_per_page`` (from the model config) and ``usage()`` report
   bytes per token and what is in use.
-The price is one gather per layer per forward (a copy of the batch's committed keys and values); a
-kernel reading pages in place would remove it without changing this layout or the mask.
+The price is one gather per layer per forward (a copy of the batch's keys and values, the size
+of what attention reads anyway); a kernel reading pages in place would remove it without changing
+this layout or the mask.
 
 Families.  The view reproduces the hidden states of the query columns exactly, whatever the
 family.  A shifted family reads the logits of column s-1 for column s: for the first column of a
@@ -126,7 +135,7 @@ class CacheGeometry:
 
     @property
     def page_shape(self) -> tuple[int, int, int]:
-        return (self.kv_heads, self.block_size, self.head_dim)
+        return (self.block_size, self.kv_heads, self.head_dim)
 
     @property
     def bytes_per_page(self) -> int:
@@ -224,6 +233,10 @@ class PagedKVCache:
     def committed_blocks(self, seq_id: Hashable) -> int:
         return self._seq(seq_id).committed
 
+    def held_pages(self, seq_id: Hashable) -> int:
+        """Pages in the sequence's table (committed, provisional and reserved)."""
+        return len(self._seq(seq_id).pages)
+
     def committed_length(self, seq_id: Hashable) -> int:
         """Positions ``[0, committed_length)`` are in the cache (a multiple of the block size)."""
         return self._seq(seq_id).committed * self.block_size
@@ -264,15 +277,16 @@ class PagedKVCache:
         mask ``(committed_length,)`` of a sequence, in position order (inspection and tests)."""
         seq = self._seq(seq_id)
         idx = torch.tensor(seq.pages[: seq.committed], dtype=torch.long, device=self.device)
-        h, b, d = self.geometry.page_shape
+        b, h, d = self.geometry.page_shape
 
         def flat(pool: torch.Tensor) -> torch.Tensor:
-            return pool[idx].permute(1, 0, 2, 3).reshape(h, len(idx) * b, d)
+            return pool[idx].reshape(len(idx) * b, h, d).transpose(0, 1)
 
         return flat(self.keys[layer]), flat(self.values[layer]), self.page_valid[idx].reshape(-1)
 
     def usage(self) -> dict:
-        """Memory report: pages in use, committed tokens, bytes per page / per token."""
+        """Memory report: pages in use, committed tokens, bytes per page / per token
+        (``reserved_pages``: held beyond the committed ones, provisional blocks included)."""
         reserved = sum(len(s.pages) - s.committed for s in self._seqs.values())
         committed = sum(s.committed for s in self._seqs.values())
         page_bytes = self.geometry.bytes_per_page
@@ -295,16 +309,25 @@ class PagedKVCache:
         query_valid: torch.Tensor | None = None,
     ) -> PagedView:
         """The cache of one forward over ``query_blocks[i]`` blocks of sequence ``seq_ids[i]``,
-        starting at its committed length (see ``PagedView``)."""
+        starting at its committed length (see ``PagedView``).  Every query block gets a page of
+        its sequence (reserved pages first, then free ones); all or nothing: ``KVCacheFullError``
+        leaves the pool and every page table as they were."""
         return PagedView(self, seq_ids, query_blocks, query_valid)
 
+    def _extend_tables(self, seqs: list[_Sequence], query_blocks: list[int], what: str) -> None:
+        shortfall = [max(0, s.committed + q - len(s.pages)) for s, q in zip(seqs, query_blocks)]
+        fresh = self._take(sum(shortfall), what)
+        for s, n in zip(seqs, shortfall):
+            s.pages.extend(fresh[:n])
+            fresh = fresh[n:]
+
     def commit(self, view: PagedView, n_blocks: Sequence[int] | int) -> None:
-        """After the forward of ``view``: write the first ``n_blocks[i]`` query blocks of sequence
-        i to its pages (reserved pages first, then free ones) and drop the rest.
+        """After the forward of ``view``: the first ``n_blocks[i]`` query blocks of sequence i
+        become committed (their pages already hold their keys); the pages of its later query
+        blocks stay in its table with provisional keys, to be overwritten by its next forward.
 
         Commit only blocks whose tokens were final when the forward ran: their keys are exact
-        only then.  All or nothing: ``KVCacheFullError`` (checked before any write) leaves the
-        pool and every page table as they were."""
+        only then."""
         if view.cache is not self:
             raise ValueError("view: made by another PagedKVCache")
         batch = len(view.seq_ids)
@@ -318,66 +341,30 @@ class PagedKVCache:
                 raise ValueError(f"n_blocks: {n} for sequence {sid!r}, whose query holds {q} blocks")
             if sid not in self._seqs or self._seqs[sid].committed != c:
                 raise ValueError(f"view: sequence {sid!r} changed (freed or committed) since the view was made")
-        if not any(n_blocks):
-            view.committed_done = True
-            return
-        if any(k is None for k in view.new_keys):
+        if any(n_blocks) and not view.written:
             raise ValueError("view: no forward has run through this view yet")
-
-        seqs = [self._seqs[sid] for sid in view.seq_ids]
-        shortfall = [max(0, s.committed + n - len(s.pages)) for s, n in zip(seqs, n_blocks)]
-        fresh = self._take(sum(shortfall), f"committing {sum(n_blocks)} blocks")
-        rows, blocks, pages = [], [], []
-        for i, (s, n) in enumerate(zip(seqs, n_blocks)):
-            s.pages.extend(fresh[: shortfall[i]])
-            fresh = fresh[shortfall[i]:]
-            rows += [i] * n
-            blocks += range(n)
-            pages += s.pages[s.committed: s.committed + n]
-            s.committed += n
+        for sid, n in zip(view.seq_ids, n_blocks):
+            self._seqs[sid].committed += n
         view.committed_done = True
-
-        dev = self.device
-        rows_t, blocks_t = torch.tensor(rows, device=dev), torch.tensor(blocks, device=dev)
-        pages_t = torch.tensor(pages, device=dev)
-        b, nq = self.block_size, view.query_positions.shape[1] // self.block_size
-
-        def by_block(t: torch.Tensor) -> torch.Tensor:  # (B, H, nq*b, D) -> (rows, H, b, D)
-            t = t.to(device=dev).unflatten(2, (nq, b)).transpose(1, 2)
-            return t[rows_t, blocks_t].to(self.geometry.dtype)
-
-        with torch.no_grad():
-            for layer in range(self.geometry.num_layers):
-                self.keys[layer][pages_t] = by_block(view.new_keys[layer])
-                self.values[layer][pages_t] = by_block(view.new_values[layer])
-            self.page_valid[pages_t] = view.query_valid.unflatten(1, (nq, b))[rows_t, blocks_t]
 
 
 # -- the per-forward view ---------------------------------------------------------------------
 
 
 def paged_block_mask(
-    query_positions: torch.Tensor, query_valid: torch.Tensor, cached_valid: torch.Tensor, block_size: int
+    query_positions: torch.Tensor, query_valid: torch.Tensor, key_valid: torch.Tensor, block_size: int
 ) -> torch.Tensor:
-    """Block-causal mask ``(B, 1, Lq, C + Lq)`` for keys ``[C cached columns | Lq query columns]``.
+    """Block-causal mask ``(B, 1, Lq, K)`` over key columns that are absolute positions 0..K-1.
 
-    Cached column j holds absolute position j (page k = positions [k*b, (k+1)*b)); ``cached_valid``
-    ``(B, C)`` is False for padded pages and empty slots.  A query attends every valid cached key
-    (all lie in earlier blocks) and the valid query columns with ``block(key) <= block(query)``.
-    A query row left with nothing to attend (padding) gets a self-loop so softmax sees no empty
-    row; such rows are never read.
+    ``key_valid`` ``(B, K)`` is False for padded pages, empty slots and invalid query slots.  A
+    query attends every valid key with ``block(key) <= block(query)``: its committed pages (all
+    in earlier blocks) and its own query blocks up to its own.  A query row left with nothing to
+    attend (padding) attends key column 0 so softmax sees no empty row; such rows are never read.
     """
-    batch, cached = cached_valid.shape
-    cached_pos = torch.arange(cached, device=query_positions.device).expand(batch, cached)
-    allowed = masks.block_causal_mask(
-        query_positions, block_size,
-        key_positions=torch.cat([cached_pos, query_positions], dim=1),
-        key_valid=torch.cat([cached_valid, query_valid], dim=1),
-    )
-    empty = ~allowed.any(-1, keepdim=True)  # (B, 1, Lq, 1)
-    if empty.any():
-        eye = torch.eye(query_positions.shape[1], dtype=torch.bool, device=allowed.device)
-        allowed[..., cached:] |= empty & eye
+    batch, keys = key_valid.shape
+    key_pos = torch.arange(keys, device=query_positions.device).expand(batch, keys)
+    allowed = masks.block_causal_mask(query_positions, block_size, key_positions=key_pos, key_valid=key_valid)
+    allowed[..., 0] |= ~allowed.any(-1)
     return allowed
 
 
@@ -401,7 +388,7 @@ class _PagedLayer(CacheLayerMixin):
         return self.view.cached_columns
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.view.cached_columns + query_length, 0
+        return self.view.key_columns, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -417,7 +404,8 @@ class PagedView(Cache):
     ``cache.commit(view, n_blocks)``.  ``query_valid`` ``(B, Lq)`` marks query columns that hold
     no token (a block cut short by a length limit); columns past a sequence's query are always
     invalid.  Invalid columns get the position of the sequence's first query column, so padding
-    never feeds the model a position past the real ones.
+    never feeds the model a position past the real ones.  Key column j of row i is position j of
+    sequence i (its pages in order, the query's own blocks included).
     """
 
     def __init__(
@@ -434,41 +422,57 @@ class PagedView(Cache):
         if len(query_blocks) != batch or min(query_blocks) < 1:
             raise ValueError(f"query_blocks: one count >= 1 per sequence, got {query_blocks} for {batch} sequences")
         seqs = [cache._seq(sid) for sid in seq_ids]
+        lq = max(query_blocks) * b
+        if query_valid is not None and tuple(query_valid.shape) != (batch, lq):
+            raise ValueError(f"query_valid: shape {tuple(query_valid.shape)}, expected {(batch, lq)}")
+        cache._extend_tables(seqs, query_blocks, f"a forward over {sum(query_blocks)} query blocks")
 
         self.cache = cache
         self.seq_ids = seq_ids
         self.query_blocks = query_blocks
         self.start_blocks = [s.committed for s in seqs]
         self.committed_done = False
-        pages = max(self.start_blocks)
-        self.cached_columns = pages * b
+        self.written = False
+        self.cached_columns = max(self.start_blocks) * b  # committed keys of the longest table
+        ends = [c + q for c, q in zip(self.start_blocks, query_blocks)]
+        pages = max(ends)
+        self.key_columns = pages * b
 
-        # Page index (B, P): padded slots point at page 0 and are masked out via cached_valid.
+        # Page index (B, P): padded slots point at page 0 and are masked out via key_valid.
         table = torch.zeros(batch, pages, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            table[i, : s.committed] = torch.tensor(s.pages[: s.committed], dtype=torch.long)
+        rows, blocks, query_pages = [], [], []
+        for i, (s, c, q) in enumerate(zip(seqs, self.start_blocks, query_blocks)):
+            table[i, : c + q] = torch.tensor(s.pages[: c + q], dtype=torch.long)
+            rows += [i] * q
+            blocks += range(q)
+            query_pages += s.pages[c: c + q]
         self.page_index = table.to(dev)
-        filled = torch.arange(pages)[None, :] < torch.tensor(self.start_blocks)[:, None]
-        self.cached_valid = (cache.page_valid[self.page_index] & filled.to(dev)[:, :, None]).reshape(batch, pages * b)
+        self._rows = torch.tensor(rows, device=dev)
+        self._blocks = torch.tensor(blocks, device=dev)
+        self._query_pages = torch.tensor(query_pages, device=dev)
 
-        lq = max(query_blocks) * b
         structural = (torch.arange(lq)[None, :] < torch.tensor(query_blocks)[:, None] * b).to(dev)
         if query_valid is not None:
-            if tuple(query_valid.shape) != (batch, lq):
-                raise ValueError(f"query_valid: shape {tuple(query_valid.shape)}, expected {(batch, lq)}")
             structural = structural & query_valid.to(device=dev, dtype=torch.bool)
         self.query_valid = structural
         starts = torch.tensor(self.start_blocks, device=dev)[:, None] * b
         self.query_positions = torch.where(structural, starts + torch.arange(lq, device=dev), starts)
+        # The query blocks' slots are (re)written by this forward: their validity now, the keys in _update.
+        cache.page_valid[self._query_pages] = structural.unflatten(1, (lq // b, b))[self._rows, self._blocks]
+        filled = torch.arange(pages)[None, :] < torch.tensor(ends)[:, None]
+        self.key_valid = (cache.page_valid[self.page_index] & filled.to(dev)[:, :, None]).reshape(batch, pages * b)
 
         n_layers = cache.geometry.num_layers
-        self.new_keys: list[torch.Tensor | None] = [None] * n_layers
-        self.new_values: list[torch.Tensor | None] = [None] * n_layers
         super().__init__(layers=[_PagedLayer(self, i) for i in range(n_layers)])
+
+    @property
+    def cached_valid(self) -> torch.Tensor:
+        """``(B, cached_columns)``: which committed key columns hold a real token."""
+        return self.key_valid[:, : self.cached_columns]
 
     def attention_mask(self) -> torch.Tensor:
         """The 4D boolean mask of this forward (``paged_block_mask``)."""
-        return paged_block_mask(self.query_positions, self.query_valid, self.cached_valid, self.cache.block_size)
+        return paged_block_mask(self.query_positions, self.query_valid, self.key_valid, self.cache.block_size)
 
     def _update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         batch, lq = self.query_positions.shape
@@ -477,20 +481,19 @@ class PagedView(Cache):
                 f"input_ids: the forward has {key_states.shape[0]} rows x {key_states.shape[-2]} columns, "
                 f"the view expects {batch} x {lq} (query_positions.shape)"
             )
-        # Kept for commit; the query's keys never enter the pool unless committed.
-        self.new_keys[layer], self.new_values[layer] = key_states, value_states
-        if self.cached_columns == 0:
-            return key_states, value_states
-        return self._gather(self.cache.keys[layer], key_states), self._gather(self.cache.values[layer], value_states)
+        self.written = True
+        return self._write_and_gather(self.cache.keys[layer], key_states), \
+            self._write_and_gather(self.cache.values[layer], value_states)
 
-    def _gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """``[committed pages | new]`` as ``(B, H, P*b + Lq, D)``, written in one output buffer."""
+    def _write_and_gather(self, pool: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """Write the query blocks ``new`` ``(B, H, Lq, D)`` into their pages, then return every
+        row's pages as ``(B, H, P*b, D)`` (a transposed view of one gathered copy)."""
         batch, heads, lq, dim = new.shape
-        pages, b = self.page_index.shape[1], self.cache.block_size
-        out = new.new_empty(batch, heads, pages * b + lq, dim)
-        out[:, :, : pages * b].view(batch, heads, pages, b, dim).copy_(pool[self.page_index].transpose(1, 2))
-        out[:, :, pages * b:] = new
-        return out
+        b = self.cache.block_size
+        by_block = new.transpose(1, 2).unflatten(1, (lq // b, b))  # (B, nq, b, H, D)
+        pool[self._query_pages] = by_block[self._rows, self._blocks].to(pool.dtype)
+        gathered = pool[self.page_index]  # (B, P, b, H, D)
+        return gathered.view(batch, self.key_columns, heads, dim).transpose(1, 2).to(new.dtype)
 
     # A view lives for one forward; the pool changes only through PagedKVCache.
     def crop(self, tokens_to_remove: int) -> None:

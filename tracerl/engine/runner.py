@@ -17,6 +17,7 @@ import torch
 
 from tracerl.engine.kv_cache import PagedKVCache
 from tracerl.engine.sequence import Sequence, randomized
+from tracerl.generation.decoders import ForwardTimer
 from tracerl.generation.sampling import draw
 from tracerl.generation.unmasking import select, step_quota
 
@@ -34,7 +35,7 @@ class Runner:
         self.cache = cache
         self.shift = model.spec.logit_shift
         self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=model.device)
-        self.model_calls = 0  # forwards of the model (a step with a prefill makes two)
+        self.timer = ForwardTimer(model.device)  # wall time inside model calls (syncs on CUDA: stats only)
 
     @torch.no_grad()
     def step(self, seqs: list[Sequence]) -> int:
@@ -64,7 +65,6 @@ class Runner:
     def _forward(self, seqs: list[Sequence]) -> torch.Tensor:
         """One batched forward over ``seqs``; the logits predicting each current block (B, b, V)."""
         b, dev, cache = self.cache.block_size, self.model.device, self.cache
-        self.model_calls += 1
         committed = [cache.committed_blocks(s.rid) for s in seqs]
         blocks = [s.block - c + 1 for s, c in zip(seqs, committed)]
         lq = max(blocks) * b
@@ -74,17 +74,17 @@ class Runner:
             ids[i, : q * b] = s.tokens[c * b:(s.block + 1) * b]
             valid[i, : q * b] = torch.arange(c * b, (s.block + 1) * b, device=dev) < s.end
         view = cache.view([s.rid for s in seqs], blocks, valid)
-        hidden, _ = self.model.hidden_states(
-            ids, attention_mask=view.attention_mask(), position_ids=view.query_positions,
-            cache=view, use_cache=True,
-        )
-        cache.commit(view, [q - 1 for q in blocks])
-
+        mask = view.attention_mask()
         # Hidden states predicting the current block's columns (shifted: one column earlier).
         offsets = torch.tensor([(q - 1) * b - self.shift for q in blocks], device=dev)
         cols = (offsets[:, None] + torch.arange(b, device=dev)).clamp_min(0)
         rows = torch.arange(len(seqs), device=dev)[:, None]
-        logits = self.model.lm_logits(hidden[rows, cols])
+        with self.timer:
+            hidden, _ = self.model.hidden_states(
+                ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True,
+            )
+            logits = self.model.lm_logits(hidden[rows, cols])
+        cache.commit(view, [q - 1 for q in blocks])
         if self.shift:
             for i, (s, q) in enumerate(zip(seqs, blocks)):
                 if q > 1:  # column s-1 lies in a block final in this forward: its logits are final

@@ -1,13 +1,15 @@
 """Which requests take part in the next forward, re-decided before every block step.
 
-Memory is the only shared resource that can run out: a running request takes a page for each
-block it commits.  Before each step the scheduler makes the step's commits fit: it preempts the
-most recently admitted requests (their pages are freed and they restart from scratch later,
-which repeats their output exactly; see ``Sequence.reset``) until they do.  The oldest running
-request is therefore never preempted for a younger one, and since every admitted request fits
-the pool alone (checked at submission), the oldest always progresses: no deadlock, no livelock.
-Then it admits waiting requests in order while a slot is free and their first commit fits, with
-one page kept in reserve per running request so admission does not immediately force preemption.
+Memory is the only shared resource that can run out: a running request holds a page for each
+block it has committed plus one for the block it is denoising, and takes a new page whenever it
+moves on to the next block.  Before each step the scheduler makes the step's new pages fit: it
+preempts the most recently admitted requests (their pages are freed and they restart from
+scratch later, which repeats their output exactly; see ``Sequence.reset``) until they do.  The
+oldest running request is therefore never preempted for a younger one, and since every admitted
+request fits the pool alone (checked at submission), the oldest always progresses: no deadlock,
+no livelock.  Then it admits waiting requests in order while a slot is free and their first
+forward fits, with one page kept in reserve per running request so admission does not
+immediately force preemption.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class Scheduler:
         self.waiting.append(seq)
 
     def commit_need(self, seq: Sequence) -> int:
-        """Pages the request's next forward commits (prefill: the prompt's full blocks)."""
-        committed = self.cache.committed_blocks(seq.rid) if seq.rid in self.cache else 0
-        return seq.block - committed
+        """New pages the request's next forward takes: its blocks up to the current one, minus
+        those it holds (prefill: the prompt's full blocks and the first denoising block)."""
+        held = self.cache.held_pages(seq.rid) if seq.rid in self.cache else 0
+        return max(0, seq.block + 1 - held)
 
     def schedule(self) -> list[Sequence]:
         """The requests of the next forward (empty when nothing is left to do)."""

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tracerl import masks
 from tracerl.errors import CheckpointError
+from tracerl.models.attention import use_tracerl_attention
 from tracerl.models.family import DiffusionSpec
 
 BACKBONE_TYPES = ("llama", "qwen2", "qwen3")
@@ -36,6 +37,7 @@ class DiffusionLM(nn.Module):
             raise ValueError(
                 f"unsupported backbone {backbone.config.model_type!r}; valid: {BACKBONE_TYPES}"
             )
+        use_tracerl_attention(backbone)  # SDPA without the grouped-query copy on CPU (attention.py)
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.spec = spec

@@ -76,7 +76,8 @@ def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=N
         start = cache.committed_length(sid)
         ids[i, : query_blocks[i] * b] = seqs.tokens[sid][start : start + query_blocks[i] * b]
     mask = view.attention_mask()
-    assert mask.shape == (batch, 1, lq, view.cached_columns + lq)
+    assert mask.shape == (batch, 1, lq, view.key_columns)
+    assert view.key_columns == max(cache.committed_blocks(s) + q for s, q in zip(seq_ids, query_blocks)) * b
     assert mask.any(-1).all()  # no empty softmax row, padding included
     with torch.no_grad():
         hidden, out_cache = model.hidden_states(
@@ -130,8 +131,11 @@ def test_batched_current_blocks_equal_each_sequence_alone(setup):
     # ONE forward: every sequence's current block (s2: its finished block too) against its own pages.
     view = paged_forward(model, cache, seqs, ids, [1, 1, 2, 1], atol)
     assert view.cached_columns == 9 * model.block_size
-    cache.commit(view, 0)  # nothing was final: the pool is untouched
-    assert [cache.committed_blocks(s) for s in ids] == [0, 3, 4, 9]
+    used = cache.num_used
+    cache.commit(view, 0)  # nothing was final: nothing is committed, no page moves
+    assert [cache.committed_blocks(s) for s in ids] == [0, 3, 4, 9] and cache.num_used == used
+    # Each sequence holds its committed pages plus one per query block (provisional keys).
+    assert [cache.held_pages(s) for s in ids] == [1, 4, 6, 10]
 
 
 def test_commit_then_next_forward_still_matches(setup):
@@ -146,7 +150,7 @@ def test_commit_then_next_forward_still_matches(setup):
     view = paged_forward(model, cache, seqs, ids, [2, 2, 3, 2], atol)
     cache.commit(view, [1, 1, 2, 1])
     assert [cache.committed_blocks(s) for s in ids] == [1, 4, 6, 10]
-    assert cache.num_used == used + 5
+    assert cache.num_used == used + 5  # one page per new query block (s2: its blocks 5 and 6)
     # Later steps of the new blocks run only the block against the pages.
     for sid, k in zip(ids, (1, 4, 6, 10)):
         seqs.decode(sid, k, b, 0.5)
@@ -171,7 +175,7 @@ def test_freed_pages_are_reused_without_touching_other_sequences(setup):
     b = model.block_size
     cache, seqs = mixed_state(model, atol)
     pages = cache.page_table("s3")
-    assert cache.free("s3") == 9  # preemption: every page back at once
+    assert cache.free("s3") == 10  # preemption: every page back at once (9 committed + its current block)
     assert "s3" not in cache
     # A new sequence takes s3's pages (LIFO) and is prefilled in the same forward as the others.
     new = Sequences(model, {"s4": 34}, seed=7)
@@ -179,7 +183,7 @@ def test_freed_pages_are_reused_without_touching_other_sequences(setup):
     cache.allocate("s4")
     view = paged_forward(model, cache, seqs, ["s4", "s0", "s1", "s2"], [9, 1, 1, 2], atol)
     cache.commit(view, [8, 0, 0, 1])
-    assert set(cache.page_table("s4")) <= set(pages)
+    assert set(cache.page_table("s4")) <= set(pages) and cache.held_pages("s4") == 9
     seqs.decode("s4", 8, b, 0.5)
     paged_forward(model, cache, seqs, ["s0", "s1", "s2", "s4"], [1, 1, 1, 1], atol)
 
@@ -222,22 +226,24 @@ def test_pool_exhaustion_is_a_clear_error_and_free_returns_pages():
         cache.view(["nobody"], 1)
 
 
-def test_commit_uses_reserved_pages_then_free_ones_and_fails_atomically():
+def test_view_uses_reserved_pages_then_free_ones_and_fails_atomically():
     model = scrambled("tiny-block", dtype=torch.float64)
     b = model.block_size
-    cache = PagedKVCache.for_model(model, num_pages=3)
-    seqs = Sequences(model, {"y": 13})
+    cache = PagedKVCache.for_model(model, num_pages=4)
+    seqs = Sequences(model, {"y": 13, "z": 2})
     reserved = cache.allocate("y", 2)
-    view = paged_forward(model, cache, seqs, ["y"], [4], 1e-10)
+    cache.allocate("z", 1)
     with pytest.raises(KVCacheFullError, match="num_pages"):
-        cache.commit(view, 4)  # 2 reserved + 1 free < 4
-    assert cache.committed_blocks("y") == 0 and cache.page_table("y") == reserved and cache.num_free == 1
-    cache.commit(view, 3)
+        cache.view(["y", "z"], [4, 1])  # y: 2 reserved + 1 free < 4 (z holds the other page)
+    assert cache.page_table("y") == reserved and cache.num_free == 1 and cache.committed_blocks("y") == 0
+    cache.free("z")
+    view = paged_forward(model, cache, seqs, ["y"], [4], 1e-10)
     assert cache.page_table("y")[:2] == reserved and cache.num_free == 0
+    cache.commit(view, 3)
     with pytest.raises(ValueError, match="already committed"):
         cache.commit(view, 1)
     seqs.decode("y", 3, b, 0.5)
-    paged_forward(model, cache, seqs, ["y"], [1], 1e-10)
+    paged_forward(model, cache, seqs, ["y"], [1], 1e-10)  # reuses its provisional page: no new one
     with pytest.raises(ValueError, match="n_blocks"):
         cache.commit(cache.view(["y"], 1), 2)
 

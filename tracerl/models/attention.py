@@ -1,0 +1,44 @@
+"""The attention function our backbones run: transformers' SDPA, minus one copy on CPU.
+
+With an explicit mask (every diffusion forward has one) and grouped-query attention (more query
+heads than key/value heads), transformers' ``sdpa`` expands the keys and values to one copy per
+query head (``repeat_kv``) before calling ``scaled_dot_product_attention``, because CUDA's fused
+kernels reject ``enable_gqa`` with a mask.  PyTorch's CPU kernels accept it, so on CPU we call
+SDPA with ``enable_gqa=True`` on the unexpanded keys: the same kernel and the same numbers
+(bitwise, forward and backward: tests/unit/models/test_attention.py) without the expanded copy,
+about 15-20% less sampling time for the tiny presets.  Everything else (CUDA, no mask, equal
+head counts) goes to transformers' own ``sdpa`` unchanged.  The name lives only in memory:
+``save_pretrained`` does not write it, so checkpoints load anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "tracerl_sdpa"
+
+
+def tracerl_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 is_causal: bool | None = None, **kwargs):
+    if (query.device.type == "cpu" and attention_mask is not None and query.shape[1] != key.shape[1]
+            and kwargs.get("position_bias") is None):
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                             scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, tracerl_sdpa)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def use_tracerl_attention(backbone) -> None:
+    """Switch a backbone that runs transformers' ``sdpa`` to ``tracerl_sdpa`` (others unchanged)."""
+    if getattr(backbone.config, "_attn_implementation", None) == "sdpa":
+        backbone.set_attn_implementation(ATTENTION)
