@@ -1,9 +1,9 @@
 """A vLLM-shaped front end: ``LLM(model).generate(prompts, SamplingParams(...))``.
 
 Each sample equals ``generate(model, [prompt_ids], params.to_sampling_config(model),
-seeds=[seed])``: block-attention requests run on the continuous-batching ``Engine``, the
-others (full attention, or a block size other than the model's) on ``generate`` itself
-(``_uses_engine``).  Every request is checked before any decoding starts.
+seeds=[seed])``: requests run on the continuous-batching ``Engine``, except those it does
+not serve (a block-attention request with a block size other than the model's), which run on
+``generate`` itself (``_uses_engine``).  Every request is checked before any decoding starts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
-from tracerl.engine import Engine
+from tracerl.engine import Engine, engine_serves
 from tracerl.errors import ConfigError
 from tracerl.generation.config import SamplingConfig
 from tracerl.generation.sampler import Generation, default_stop_ids, generate
@@ -171,9 +171,8 @@ class RequestOutput:
 
 
 def _uses_engine(model: DiffusionLM, config: SamplingConfig) -> bool:
-    """Whether the engine decodes a request; else ``generate`` does (the same outputs).  The
-    engine serves block attention at the model's own block size only."""
-    return model.spec.attention == "block" and config.block_size in (None, model.block_size)
+    """Whether the engine decodes a request; else ``generate`` does (the same outputs)."""
+    return engine_serves(model, config) is None
 
 
 @dataclass
@@ -189,8 +188,8 @@ class LLM:
     (loaded with ``load_model`` on ``device``, default cpu, in ``dtype``) or a loaded
     ``DiffusionLM``, used as it is (then pass no ``dtype`` / ``device``).  ``max_running``,
     ``num_pages`` and ``kv_cache_bytes`` configure the engine's batch and KV page pool
-    (``Engine``'s ``max_running``, ``num_pages``, ``budget_bytes``); full-attention models do
-    not use them."""
+    (``Engine``'s ``max_running``, ``num_pages``, ``budget_bytes``); full-attention models have
+    no page pool."""
 
     def __init__(self, model: str | os.PathLike | DiffusionLM, *, dtype=None, device=None,
                  max_running: int = 64, num_pages: int | None = None,
@@ -203,10 +202,8 @@ class LLM:
             self.model = load_model(model, dtype=dtype, device=device or "cpu")
         else:
             raise ConfigError(f"model: must be a preset name, a folder or a DiffusionLM, got {type(model).__name__}")
-        self.engine = None
-        if self.model.spec.attention == "block":
-            self.engine = Engine(self.model, max_running=max_running, num_pages=num_pages,
-                                 budget_bytes=kv_cache_bytes)
+        self.engine = Engine(self.model, max_running=max_running, num_pages=num_pages,
+                             budget_bytes=kv_cache_bytes)
         self._next_id = 0
 
     def get_tokenizer(self):

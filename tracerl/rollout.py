@@ -1,7 +1,13 @@
 """One rollout path: problems -> prompts -> generations -> decoded text -> scores.
 
-Evaluation, the RL loop and the quickstart's trace page all sample through ``rollout``; the
-continuous-batching engine plugs in behind it (``generate`` here is the exact reference sampler).
+Evaluation, the RL loop and the quickstart's trace page all sample through ``rollout``.  It
+decodes on the continuous-batching engine (``engine="engine"``, the default: at most
+``batch_size`` requests in flight, a finished request's slot refilled at the next block step) or
+on the static sampler (``engine="static"``: ``generate`` in batches of ``batch_size``, each batch
+decoding until its longest response ends).  Both give every request the same output (the
+engine's contract); the engine is faster when response lengths vary.  Models or settings the
+engine does not serve (``engine_serves``) use the static sampler.  The engine runs the model it
+is given, the trainer's in-memory weights, so an update is visible to the next rollout.
 It is a module of its own below ``eval/`` and ``rl/`` (DESIGN.md first placed it in ``rl/``) so
 that evaluation, which RL uses for its held-out curve, does not depend on RL.
 
@@ -24,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tracerl.data.tasks import Problem, TaskConfig
+from tracerl.engine import Engine, engine_serves
+from tracerl.errors import ConfigError
 from tracerl.data.templates import problem_prompt_ids
 from tracerl.generation import Generation, GenerationStats, SamplingConfig, derive_seed, generate
 from tracerl.rewards import Score, score_batch
@@ -49,6 +57,33 @@ class RolloutResult:
     reward_seconds: float = 0.0  # time spent scoring
 
 
+ROLLOUT_ENGINES = ("engine", "static")
+
+
+def check_engine(name: str, field: str = "engine") -> str:
+    if name not in ROLLOUT_ENGINES:
+        raise ConfigError(f"{field}: unknown {name!r}; valid: {', '.join(ROLLOUT_ENGINES)}")
+    return name
+
+
+def generate_requests(model, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], *,
+                      engine: str, batch_size: int, stats: GenerationStats) -> list[Generation]:
+    """One ``Generation`` per prompt, on the engine or the static sampler (see the module docstring)."""
+    if check_engine(engine) == "engine" and engine_serves(model, sampling) is None:
+        eng = Engine(model, max_running=batch_size)
+        out = eng.generate(prompts, sampling, seeds=seeds)
+        stats.seconds += eng.stats.seconds
+        stats.forward_seconds += eng.stats.forward_seconds
+        stats.forwards += eng.stats.model_calls
+        stats.new_tokens += eng.stats.new_tokens
+        return out
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        out += generate(model, prompts[start:start + batch_size], sampling,
+                        seeds=seeds[start:start + batch_size], stats=stats)
+    return out
+
+
 def base_seed(sampling: SamplingConfig, run_seed: int) -> int:
     return sampling.seed if sampling.seed is not None else run_seed
 
@@ -66,6 +101,7 @@ def rollout(
     seed_key: tuple[int, ...],
     samples_per_problem: int = 1,
     batch_size: int = 64,
+    engine: str = "engine",
     reward_workers: int = 2,
     fail_on_reward_error: bool = True,
     progress: Callable[[int], None] | None = None,
@@ -73,7 +109,8 @@ def rollout(
     """``samples_per_problem`` responses per problem, scored; see the module docstring for seeds.
 
     ``prompts[i]`` are problem i's prompt ids (``prompts_for``; computed once by callers that
-    sample the same problems every step).  A reward function that raises ends the rollout with
+    sample the same problems every step).  ``engine``: "engine" (``batch_size`` requests in
+    flight) or "static" (``generate`` in batches of ``batch_size``); the samples are the same.  A reward function that raises ends the rollout with
     ``fail_on_reward_error``; otherwise that sample scores 0 and is reported in
     ``reward_errors``."""
     if len(prompts) != len(problems):
@@ -83,10 +120,12 @@ def rollout(
     samples: list[Sample] = []
     errors: list[str] = []
     reward_seconds = 0.0
+    generations = generate_requests(model, [prompts[i] for i, _ in jobs], sampling,
+                                    [derive_seed(*seed_key, i, s) for i, s in jobs],
+                                    engine=engine, batch_size=batch_size, stats=stats)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        gens = generate(model, [prompts[i] for i, _ in chunk], sampling,
-                        seeds=[derive_seed(*seed_key, i, s) for i, s in chunk], stats=stats)
+        gens = generations[start : start + batch_size]
         # Rewards read the text without special tokens (eos, im_end, padding).
         texts = [model.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
         t0 = time.perf_counter()

@@ -22,3 +22,20 @@ def test_bench_generate_quick_json():
     assert all(r["new_tokens"] == r["forwards"] * (4 if "batch4" in name else 1) for name, r in runs.items())
     assert data["cache_speedup"] == pytest.approx(runs["batch4_nocache"]["seconds"] / runs["batch4_cache"]["seconds"])
     assert "tokens/s" in out.stderr  # the table goes to stderr under --json
+
+
+@pytest.mark.slow
+def test_bench_engine_quick_json():
+    out = subprocess.run([sys.executable, "-m", "tracerl.cli", "bench", "engine", "--quick", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("speedup_vs_static", "tokens_per_s", "forward_fraction", "slot_occupancy"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    assert 0 < data["forward_fraction"] <= 1 and 0 < data["slot_occupancy"] <= 1
+    assert data["identical"] is True and data["identical_requests"] == data["requests"] == 24
+    assert data["speedup_vs_static"] == pytest.approx(data["static_seconds"] / data["engine_seconds"])
+    lengths = data["response_tokens"]
+    assert 1 <= lengths["min"] < lengths["max"] <= data["max_new_tokens"]  # stop tokens spread the lengths
+    assert data["kv_bytes_per_token"] == 4 * 2 * 2 * 32 * 4  # layers * (k, v) * kv heads * head dim * fp32
+    assert "speedup_vs_static" in out.stderr

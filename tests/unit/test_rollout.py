@@ -77,3 +77,41 @@ def test_a_reward_that_raises_scores_zero_and_names_the_sample():
     assert len(errors) == 1 and "gone/0" in errors[0] and "' 2'" in errors[0] and "no_such_task" in errors[0]
     with pytest.raises(ConfigError, match="no_such_task"):
         safe_scores([good[0], broken], texts[:2], workers=1, fail=True)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_engine_and_static_rollouts_give_the_same_samples(setup, temperature):
+    model, problems, prompts = setup
+    sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, stop_token_ids=(5, 66))
+    runs = {e: rollout(model, problems, prompts, sampling, seed_key=(4, 2), samples_per_problem=3, batch_size=4,
+                       engine=e) for e in ("engine", "static")}
+    assert _key(runs["engine"]) == _key(runs["static"])
+    assert [x.score for x in runs["engine"].samples] == [x.score for x in runs["static"].samples]
+    assert runs["engine"].stats.new_tokens == runs["static"].stats.new_tokens > 0
+    assert 0 < runs["engine"].stats.forward_seconds <= runs["engine"].stats.seconds
+
+
+def test_engine_rollout_sees_a_weight_update_without_reload():
+    """The engine decodes the trainer's module itself: an in-place update shows in the next rollout."""
+    import torch
+
+    model = load_model("tiny-block")
+    problems = load_problems(TASK)
+    prompts = prompts_for(model.tokenizer, problems, TASK)
+    sampling = SamplingConfig(max_new_tokens=8, stop_token_ids=())
+    before = rollout(model, problems, prompts, sampling, seed_key=(0,), batch_size=4)
+    with torch.no_grad():  # an optimizer step, as far as the weights know
+        for p in model.backbone.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.2)
+    after = rollout(model, problems, prompts, sampling, seed_key=(0,), batch_size=4)
+    assert _key(after) != _key(before)
+    fresh = generate(model, prompts, sampling)
+    assert [x.generation.response_ids for x in after.samples] == [g.response_ids for g in fresh]
+
+
+def test_engine_setting_is_checked():
+    from tracerl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"rollout\.engine: unknown 'vllm'; valid: engine, static"):
+        load_config(RLConfig, None, ["rollout.engine=vllm"])

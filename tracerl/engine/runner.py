@@ -25,8 +25,29 @@ from tracerl.generation.unmasking import select, step_quota
 def decoding_key(seq: Sequence) -> tuple:
     """Requests with equal keys can share one draw/select call."""
     c = seq.config
-    return (c.temperature, c.top_k, c.top_p, c.strategy, c.threshold, c.eb_threshold, seq.steps,
-            randomized(c))
+    return (seq.block_size, c.temperature, c.top_k, c.top_p, c.strategy, c.threshold, c.eb_threshold,
+            seq.steps, randomized(c))
+
+
+def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
+    """Draw and select for requests of ``seqs`` grouped by ``decoding_key`` (``logits`` ``(B, >=b, V)``
+    predicts each one's current block), each row from its own stream, then record each row."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(seqs):
+        groups.setdefault(decoding_key(s), []).append(i)
+    for members in groups.values():
+        group = [seqs[i] for i in members]
+        c, b = group[0].config, group[0].block_size
+        streams = [s.generator for s in group] if randomized(c) else None
+        d = draw(logits[members, :b], temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                 banned_ids=banned, generator=streams)
+        masked = torch.stack([s.block_masked() for s in group])
+        at_start = torch.tensor([s.at_start for s in group], device=logits.device)
+        step = torch.tensor([s.step for s in group], device=logits.device)
+        chosen = select(c.strategy, d, masked, step_quota(at_start, step, group[0].steps),
+                        threshold=c.threshold, eb_threshold=c.eb_threshold, generator=streams)
+        for i, s in enumerate(group):
+            s.apply(chosen[i], d.tokens[i], d.logprob[i], d.confidence[i])
 
 
 class Runner:
@@ -55,11 +76,7 @@ class Runner:
             if logits is None:
                 logits = part.new_empty((len(seqs),) + part.shape[1:])
             logits[members] = part
-        groups: dict[tuple, list[int]] = {}
-        for i, s in enumerate(seqs):
-            groups.setdefault(decoding_key(s), []).append(i)
-        for members in groups.values():
-            self._decode([seqs[i] for i in members], logits[members])
+        unmask(seqs, logits, self.banned)
         return int(sum(queries)) * b
 
     def _forward(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -94,16 +111,3 @@ class Runner:
                 else:
                     logits[i, :1] = s.carry
         return logits
-
-    def _decode(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        c, dev = seqs[0].config, logits.device
-        streams = [s.generator for s in seqs] if randomized(c) else None
-        d = draw(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                 banned_ids=self.banned, generator=streams)
-        masked = torch.stack([s.block_masked() for s in seqs])
-        at_start = torch.tensor([s.at_start for s in seqs], device=dev)
-        step = torch.tensor([s.step for s in seqs], device=dev)
-        chosen = select(c.strategy, d, masked, step_quota(at_start, step, seqs[0].steps),
-                        threshold=c.threshold, eb_threshold=c.eb_threshold, generator=streams)
-        for i, s in enumerate(seqs):
-            s.apply(chosen[i], d.tokens[i], d.logprob[i], d.confidence[i])

@@ -11,11 +11,14 @@ its first run exactly.
 from __future__ import annotations
 
 import enum
+import secrets
 
 import torch
 
+from tracerl.errors import ConfigError
 from tracerl.generation.config import SamplingConfig
-from tracerl.generation.sampler import Generation
+from tracerl.generation.sampler import Generation, check_prompts, default_stop_ids
+from tracerl.generation.seeds import check_seed_value, derive_seed
 from tracerl.generation.stops import stop_string_end
 
 
@@ -57,14 +60,9 @@ class Sequence:
         self.decode = decode
         n = len(self.prompt)
         self.end = n + min(config.max_new_tokens, max_positions - n)  # one past the last position
-        self.num_blocks = -(-self.end // b)
+        self.num_blocks = -(-self.end // b)  # also the most KV pages it holds at once
         self.first_block = n // b  # holds the first generated position
         self.reset()
-
-    @property
-    def max_pages(self) -> int:
-        """Pages the request can hold at once: every block but its last is committed at most."""
-        return self.num_blocks - 1
 
     def reset(self) -> None:
         """Back to the submitted state (fresh random stream, nothing decoded)."""
@@ -174,3 +172,41 @@ class Sequence:
             tail_ids=tail_ids,
             tail_steps=tail_steps,
         )
+
+
+def make_requests(model, prompts: list[list[int]], configs: SamplingConfig | list[SamplingConfig] | None,
+                  seeds: list[int] | None, *, cls: type[Sequence] | None = None) -> list[Sequence]:
+    """One request (a ``cls``, default ``Sequence``) per prompt, checked before any work.
+
+    ``configs``: one for all prompts or one per prompt (None: defaults).  Seeds follow
+    ``generate``'s rule: ``seeds[i]``, else ``derive_seed(configs[i].seed, i)`` when the config
+    draws random numbers and has a seed, else a fresh random seed.  A request's block size is
+    ``config.block_size or model.block_size``, as in ``generate``."""
+    check_prompts(prompts, model)
+    n = len(prompts)
+    if configs is None or isinstance(configs, SamplingConfig):
+        configs = [configs or SamplingConfig()] * n
+    configs = list(configs)
+    if len(configs) != n:
+        raise ConfigError(f"configs: {len(configs)} configs for {n} prompts; pass one or one per prompt")
+    if seeds is not None:
+        if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__len__") or len(seeds) != n:
+            raise ConfigError(f"seeds: must be a list of {n} integers (one per prompt), got {seeds!r}")
+        seeds = [check_seed_value(v, f"seeds[{i}]") for i, v in enumerate(seeds)]
+    cls = cls or Sequence
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731 (as generate's)
+    out = []
+    for i, (prompt, config) in enumerate(zip(prompts, configs)):
+        config.validate()
+        seed = seeds[i] if seeds is not None else None
+        if seed is None and randomized(config):
+            seed = derive_seed(config.seed, i) if config.seed is not None else secrets.randbits(63)
+        stops = config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(model)
+        out.append(cls(
+            i, prompt, config, seed, block_size=config.block_size or model.block_size,
+            mask_id=model.mask_token_id, pad_id=pad_id, max_positions=model.max_positions,
+            stop_ids=tuple(stops), device=model.device, stop_strings=config.stop, decode=decode,
+        ))
+    return out

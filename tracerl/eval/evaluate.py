@@ -11,7 +11,7 @@ from tracerl.data.tasks import Problem, TaskConfig
 from tracerl.errors import ConfigError
 from tracerl.generation import SamplingConfig
 from tracerl.generation.seeds import check_seed_value
-from tracerl.rollout import base_seed, prompts_for, rollout
+from tracerl.rollout import base_seed, check_engine, prompts_for, rollout
 
 
 @dataclass
@@ -21,7 +21,8 @@ class EvalConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     n: int = 1  # samples per problem
     k: list[int] = field(default_factory=lambda: [1])  # pass@k values to report (k <= n)
-    batch_size: int = 16  # sequences per generate() call (never changes a sample)
+    batch_size: int = 16  # requests in flight (engine) / per generate() call (static); never changes a sample
+    engine: str = "engine"  # engine (continuous batching) | static (generate() in batches); same samples
     output_dir: str = "runs/eval"  # samples.jsonl (with step maps) and summary.json
     device: str = "cpu"  # cpu, cuda, cuda:N, mps
     seed: int = 0  # base seed when sampling.seed is unset
@@ -36,6 +37,7 @@ class EvalConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         self.seed = check_seed_value(self.seed, "seed")
+        check_engine(self.engine)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -51,7 +53,8 @@ def evaluate(model, problems: list[Problem], config: EvalConfig, *, progress=Non
     t0 = time.perf_counter()
     result = rollout(model, problems, prompts_for(model.tokenizer, problems, config.task), sampling,
                      seed_key=(base_seed(sampling, config.seed),), samples_per_problem=config.n,
-                     batch_size=config.batch_size, reward_workers=config.code_workers, progress=progress)
+                     batch_size=config.batch_size, engine=config.engine, reward_workers=config.code_workers,
+                     progress=progress)
     wall = time.perf_counter() - t0
     samples = []
     for x in result.samples:

@@ -83,6 +83,7 @@ def bench_engine(model_name: str = "tiny-block", device: str = "cpu", quick: boo
         "engine_seconds": engine_s,
         "static_seconds": static_s,
         "forward_fraction": st.forward_fraction,
+        "slot_occupancy": st.slot_occupancy,
         "forwards": st.forwards,
         "model_calls": st.model_calls,
         "kv_bytes_per_token": engine.kv_bytes_per_token,
@@ -101,7 +102,8 @@ def format_engine_table(r: dict) -> str:
         f"{'':8s} {'tokens/s':>10s} {'seconds':>8s}",
         f"{'static':8s} {r['static_tokens_per_s']:10.1f} {r['static_seconds']:8.2f}",
         f"{'engine':8s} {r['tokens_per_s']:10.1f} {r['engine_seconds']:8.2f}",
-        f"speedup_vs_static {r['speedup_vs_static']:.2f}, forward_fraction {r['forward_fraction']:.3f}, "
+        f"speedup_vs_static {r['speedup_vs_static']:.2f}, forward_fraction {r['forward_fraction']:.3f} "
+        f"(time in model calls), slot_occupancy {r['slot_occupancy']:.3f}, "
         f"KV cache {r['kv_bytes_per_token']} bytes/token, identical outputs "
         f"{r['identical_requests']}/{r['requests']}",
     ])

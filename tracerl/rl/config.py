@@ -9,6 +9,7 @@ from tracerl.data.tasks import TaskConfig
 from tracerl.eval import PeriodicEvalConfig
 from tracerl.generation import SamplingConfig
 from tracerl.generation.seeds import check_seed_value
+from tracerl.rollout import check_engine
 from tracerl.train.loop import LoopConfig
 from tracerl.train.optim import OptimConfig
 
@@ -18,7 +19,11 @@ class RolloutConfig:
     num_prompts: int = 8  # problems per RL step
     group_size: int = 8  # responses per problem
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
-    batch_size: int = 64  # sequences per generate() call (never changes a sample)
+    batch_size: int = 64  # requests in flight (engine) / per generate() call (static); never changes a sample
+    engine: str = "engine"  # engine (continuous batching) | static (generate() in batches); same samples
+
+    def __post_init__(self) -> None:
+        check_engine(self.engine, "rollout.engine")
 
 
 @dataclass

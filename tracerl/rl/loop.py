@@ -102,7 +102,8 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     sampling = config.rollout.sampling
     result = rollout(model, [problems[i] for i in chosen], [prompts[i] for i in chosen], sampling,
                      seed_key=(base_seed(sampling, seed), step), samples_per_problem=config.rollout.group_size,
-                     batch_size=config.rollout.batch_size, reward_workers=config.loop.micro_batch,
+                     batch_size=config.rollout.batch_size, engine=config.rollout.engine,
+                     reward_workers=config.loop.micro_batch,
                      fail_on_reward_error=config.fail_on_reward_error)
     gens = [x.generation for x in result.samples]
     t2 = time.perf_counter()

@@ -181,13 +181,13 @@ def test_chat_template(llm, model):
     assert [o.prompt_token_ids for o in two] == [render_prompt(tok, "hi"), render_prompt(tok, "yo")]
 
 
-def test_full_attention_model_through_generate():
+def test_full_attention_model_on_the_engine():
     llm = LLM("tiny-full")
-    assert llm.engine is None
     params = SamplingParams(max_tokens=16, stop_token_ids=[], ignore_eos=True)
     out = llm.generate(["abc", "hello there"], params)
     want = generate(llm.model, [o.prompt_token_ids for o in out], params.to_sampling_config(llm.model))
     assert [o.outputs[0].trace for o in out] == want
+    assert llm.engine.stats.requests == 2  # decoded by the engine's canvases, not generate()
 
 
 # -- bad input -----------------------------------------------------------------------------
