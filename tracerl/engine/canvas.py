@@ -52,6 +52,7 @@ from transformers import DynamicCache
 from tracerl import masks
 from tracerl.engine.runner import unmask
 from tracerl.engine.sequence import Sequence, Status
+from tracerl.engine.state import request_slots
 from tracerl.engine.stats import EngineStats
 from tracerl.errors import ConfigError
 from tracerl.generation.config import SamplingConfig
@@ -225,11 +226,13 @@ class CanvasRunner:
 def run_canvases(model, seqs: list[CanvasSequence], max_running: int, stats: EngineStats) -> list[Generation]:
     """The continuous-batching loop over canvases (see the module docstring); adds to ``stats``."""
     runner = CanvasRunner(model)
+    pool = request_slots(seqs, max_running, model.device)
     waiting: deque[CanvasSequence] = deque(seqs)
     running: list[CanvasSequence] = []
     while waiting or running:
         while waiting and len(running) < max_running:
             seq = waiting.popleft()
+            pool.bind(seq)
             seq.status = Status.PREFILLING
             running.append(seq)
         runner.step(running)

@@ -22,6 +22,7 @@ from tracerl.engine.kv_cache import CacheGeometry, PagedKVCache
 from tracerl.engine.runner import Runner
 from tracerl.engine.scheduler import Scheduler
 from tracerl.engine.sequence import Status, make_requests
+from tracerl.engine.state import request_slots
 from tracerl.engine.stats import EngineStats
 from tracerl.errors import ConfigError
 from tracerl.generation.config import SamplingConfig
@@ -97,7 +98,7 @@ class Engine:
                     f"{s.config.max_new_tokens}) needs up to {s.num_blocks} KV pages, the pool has "
                     f"{cache.num_pages}; raise num_pages / budget_bytes or lower max_new_tokens"
                 )
-        scheduler = Scheduler(cache, self.max_running)
+        scheduler = Scheduler(cache, self.max_running, request_slots(seqs, self.max_running, self.model.device))
         runner = Runner(self.model, cache)
         for s in seqs:
             scheduler.add(s)

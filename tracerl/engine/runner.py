@@ -17,6 +17,7 @@ import torch
 
 from tracerl.engine.kv_cache import PagedKVCache
 from tracerl.engine.sequence import Sequence, randomized
+from tracerl.engine.state import record
 from tracerl.generation.decoders import ForwardTimer
 from tracerl.generation.sampling import draw
 from tracerl.generation.unmasking import select, step_quota
@@ -27,6 +28,12 @@ def decoding_key(seq: Sequence) -> tuple:
     c = seq.config
     return (seq.block_size, c.temperature, c.top_k, c.top_p, c.strategy, c.threshold, c.eb_threshold,
             seq.steps, randomized(c))
+
+
+def _block_index(seqs: list[Sequence], b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the requests' current blocks in their ``StatePool`` tensors: ``(slots, columns)``."""
+    slots = torch.tensor([s.slot for s in seqs], device=device)[:, None]
+    return slots, torch.tensor([s.block_start for s in seqs], device=device)[:, None] + torch.arange(b, device=device)
 
 
 def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
@@ -41,13 +48,12 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         streams = [s.generator for s in group] if randomized(c) else None
         d = draw(logits[members, :b], temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
                  banned_ids=banned, generator=streams)
-        masked = torch.stack([s.block_masked() for s in group])
+        masked = group[0].pool.masked[_block_index(group, b, logits.device)]
         at_start = torch.tensor([s.at_start for s in group], device=logits.device)
         step = torch.tensor([s.step for s in group], device=logits.device)
         chosen = select(c.strategy, d, masked, step_quota(at_start, step, group[0].steps),
                         threshold=c.threshold, eb_threshold=c.eb_threshold, generator=streams)
-        for i, s in enumerate(group):
-            s.apply(chosen[i], d.tokens[i], d.logprob[i], d.confidence[i])
+        record(group, chosen, d.tokens, d.logprob, d.confidence)
 
 
 class Runner:
@@ -85,11 +91,13 @@ class Runner:
         committed = [cache.committed_blocks(s.rid) for s in seqs]
         blocks = [s.block - c + 1 for s, c in zip(seqs, committed)]
         lq = max(blocks) * b
-        ids = torch.full((len(seqs), lq), seqs[0].pad_id, dtype=torch.long, device=dev)
-        valid = torch.zeros(len(seqs), lq, dtype=torch.bool, device=dev)
-        for i, (s, c, q) in enumerate(zip(seqs, committed, blocks)):
-            ids[i, : q * b] = s.tokens[c * b:(s.block + 1) * b]
-            valid[i, : q * b] = torch.arange(c * b, (s.block + 1) * b, device=dev) < s.end
+        pool = seqs[0].pool
+        first = torch.tensor([c * b for c in committed], device=dev)[:, None]
+        cols = first + torch.arange(lq, device=dev)  # absolute positions of the query columns
+        inside = cols < torch.tensor([(s.block + 1) * b for s in seqs], device=dev)[:, None]
+        slots = torch.tensor([s.slot for s in seqs], device=dev)[:, None]
+        ids = torch.where(inside, pool.tokens[slots, cols.clamp_max(pool.columns - 1)], seqs[0].pad_id)
+        valid = inside & (cols < torch.tensor([s.end for s in seqs], device=dev)[:, None])
         view = cache.view([s.rid for s in seqs], blocks, valid)
         mask = view.attention_mask()
         # Hidden states predicting the current block's columns (shifted: one column earlier).

@@ -18,11 +18,13 @@ from collections import deque
 
 from tracerl.engine.kv_cache import PagedKVCache
 from tracerl.engine.sequence import Sequence, Status
+from tracerl.engine.state import StatePool
 
 
 class Scheduler:
-    def __init__(self, cache: PagedKVCache, max_running: int) -> None:
+    def __init__(self, cache: PagedKVCache, max_running: int, pool: StatePool) -> None:
         self.cache = cache
+        self.pool = pool  # one decoding-state slot per running request
         self.max_running = max_running
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -50,6 +52,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.cache.allocate(head.rid, 0)
+            self.pool.bind(head)
             head.status = Status.PREFILLING
             self.running.append(head)
             budget -= self.commit_need(head)

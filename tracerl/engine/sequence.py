@@ -65,7 +65,10 @@ class Sequence:
         self.reset()
 
     def reset(self) -> None:
-        """Back to the submitted state (fresh random stream, nothing decoded)."""
+        """Back to the submitted state (fresh random stream, nothing decoded, no slot)."""
+        if getattr(self, "pool", None) is not None:
+            self.pool.release(self, keep=False)
+        self.slot, self.pool = None, None  # a state.StatePool row while running
         n, b, dev = len(self.prompt), self.block_size, self.device
         cols = self.num_blocks * b
         self.tokens = torch.full((cols,), self.pad_id, dtype=torch.long, device=dev)
@@ -79,7 +82,7 @@ class Sequence:
         self.nfe = 0
         self.block = self.first_block
         self.step = 0  # forwards spent on the current block
-        self.at_start = int(self.block_masked().sum())
+        self.at_start = self._masked_at_start()
         self.carry: torch.Tensor | None = None  # shifted family: logits of the block's column s-1
         self.finished_at = -1  # position of the stop token
         self.finish_reason: str | None = None
@@ -94,25 +97,20 @@ class Sequence:
     def block_start(self) -> int:
         return self.block * self.block_size
 
+    def _masked_at_start(self) -> int:
+        """Masked positions of the current block before its first step: its generated positions
+        (prompt tokens and positions past the length limit are never masked); no tensor read."""
+        s = self.block_start
+        return max(0, min(s + self.block_size, self.end) - max(s, len(self.prompt)))
+
     def block_masked(self) -> torch.Tensor:
         s = self.block_start
         return self.masked[s:s + self.block_size]
 
-    def apply(self, chosen: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor,
-              confidence: torch.Tensor) -> None:
-        """Record one forward's unmasking of the current block (all ``(b,)``); when the block
-        becomes final, check for a stop string or token, then finish or move to the next block."""
+    def block_final(self) -> None:
+        """The current block has no masked position left (``state.record`` found it): check
+        for a stop string or token, then finish or move to the next block."""
         s, e = self.block_start, self.block_start + self.block_size
-        self.nfe += 1
-        self.step += 1
-        self.status = Status.DENOISING
-        self.tokens[s:e] = torch.where(chosen, tokens, self.tokens[s:e])
-        self.step_map[s:e] = torch.where(chosen, torch.full_like(self.step_map[s:e], self.nfe), self.step_map[s:e])
-        self.logprob[s:e] = torch.where(chosen, logprob.float(), self.logprob[s:e])
-        self.confidence[s:e] = torch.where(chosen, confidence.float(), self.confidence[s:e])
-        self.masked[s:e] &= ~chosen
-        if self.masked[s:e].any():
-            return
         lo, hi = max(s, len(self.prompt)), min(e, self.end)  # generated positions of the block
         stops = torch.isin(self.tokens[lo:hi], self.stop_ids).nonzero()
         string_end = self._stop_string_end(lo, lo + int(stops[0]) if len(stops) else hi)
@@ -127,7 +125,7 @@ class Sequence:
         else:
             self.block += 1
             self.step = 0
-            self.at_start = int(self.block_masked().sum())
+            self.at_start = self._masked_at_start()
 
     def _stop_string_end(self, lo: int, cut: int) -> int | None:
         """Position of the token completing a stop string in the response before ``cut`` (the
@@ -142,6 +140,8 @@ class Sequence:
         self.finish_reason = reason
         self.status = Status.FINISHED
         self.generator = None
+        if self.pool is not None:  # keep the output, free the slot
+            self.pool.release(self)
 
     # -- output ----------------------------------------------------------------------------
     def to_generation(self, model) -> Generation:

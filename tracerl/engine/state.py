@@ -1,0 +1,88 @@
+"""The decoding state of the running requests in shared tensors, one row (slot) per request.
+
+Why.  Each forward, every running request records the tokens it unmasked (token, step, log-prob,
+confidence) and clears their masks, and the engine must learn which requests finished their
+block.  Done per request that is a dozen small tensor operations each, which for a tiny model on
+a CPU costs as much as a quarter of the forward, and on a GPU a host sync per request.  With the
+state of all running requests in ``(slots, columns)`` tensors it is a few batched operations per
+group of requests and one host sync per step (the rows whose block became final).
+
+Ownership.  While a request runs, its ``Sequence`` holds views of its slot's row (so everything
+else reads ``seq.tokens`` etc. as before); before admission and after it finishes it holds its own
+tensors, so a slot is reused as soon as its request leaves, and a finished request keeps its
+output.  Token positions are absolute in both (column p = position p).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tracerl.engine.sequence import Sequence, Status
+
+FIELDS = ("tokens", "masked", "step_map", "logprob", "confidence")
+
+
+class StatePool:
+    """``rows`` slots of ``columns`` positions each (at least every request's canvas width)."""
+
+    def __init__(self, rows: int, columns: int, device: torch.device) -> None:
+        self.columns = columns
+        self.tokens = torch.zeros(rows, columns, dtype=torch.long, device=device)
+        self.masked = torch.zeros(rows, columns, dtype=torch.bool, device=device)
+        self.step_map = torch.zeros(rows, columns, dtype=torch.long, device=device)
+        self.logprob = torch.zeros(rows, columns, dtype=torch.float32, device=device)
+        self.confidence = torch.zeros(rows, columns, dtype=torch.float32, device=device)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def bind(self, seq: Sequence) -> None:
+        """Move the request's state into a free slot; its fields become views of the slot's row."""
+        if seq.pool is not None:
+            raise ValueError(f"request {seq.rid}: already holds a slot")
+        slot = self._free.pop()
+        width = len(seq.tokens)
+        for name in FIELDS:
+            row = getattr(self, name)[slot, :width]
+            row.copy_(getattr(seq, name))
+            setattr(seq, name, row)
+        seq.slot, seq.pool = slot, self
+
+    def release(self, seq: Sequence, keep: bool = True) -> None:
+        """Give the slot back; with ``keep`` the request takes a copy of its state along."""
+        if keep:
+            for name in FIELDS:
+                setattr(seq, name, getattr(seq, name).clone())
+        self._free.append(seq.slot)
+        seq.slot, seq.pool = None, None
+
+
+def request_slots(seqs: list[Sequence], max_running: int, device) -> StatePool:
+    """A pool with a slot per request that can run at once, as wide as the widest canvas."""
+    return StatePool(min(max_running, len(seqs)), max(len(s.tokens) for s in seqs), device)
+
+
+def record(seqs: list[Sequence], chosen: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor,
+           confidence: torch.Tensor) -> None:
+    """One forward's unmasking of the current blocks of ``seqs`` (bound requests of one pool and
+    one block size; all ``(G, b)``), then each request whose block became final moves on
+    (``Sequence.block_final``: stop check, finish or next block)."""
+    pool = seqs[0].pool
+    if pool is None or any(s.pool is not pool for s in seqs):
+        raise ValueError("record: every request must hold a slot of one StatePool")
+    dev, b = chosen.device, chosen.shape[1]
+    for s in seqs:
+        s.nfe += 1
+        s.step += 1
+        s.status = Status.DENOISING
+    slots = torch.tensor([s.slot for s in seqs], device=dev)[:, None]
+    cols = torch.tensor([s.block_start for s in seqs], device=dev)[:, None] + torch.arange(b, device=dev)
+    nfe = torch.tensor([s.nfe for s in seqs], device=dev)[:, None]
+    at = (slots, cols)
+    pool.tokens[at] = torch.where(chosen, tokens, pool.tokens[at])
+    pool.step_map[at] = torch.where(chosen, nfe, pool.step_map[at])
+    pool.logprob[at] = torch.where(chosen, logprob.float(), pool.logprob[at])
+    pool.confidence[at] = torch.where(chosen, confidence.float(), pool.confidence[at])
+    still = pool.masked[at] & ~chosen
+    pool.masked[at] = still
+    for s, final in zip(seqs, (~still.any(-1)).tolist()):  # the step's one host sync
+        if final:
+            s.block_final()
