@@ -197,13 +197,14 @@ def make_requests(model, prompts: list[list[int]], configs: SamplingConfig | lis
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731 (as generate's)
+    defaults = default_stop_ids(model)  # reads the vocabulary: once per call
     out = []
     for i, (prompt, config) in enumerate(zip(prompts, configs)):
         config.validate()
         seed = seeds[i] if seeds is not None else None
         if seed is None and randomized(config):
             seed = derive_seed(config.seed, i) if config.seed is not None else secrets.randbits(63)
-        stops = config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(model)
+        stops = config.stop_token_ids if config.stop_token_ids is not None else defaults
         out.append(cls(
             i, prompt, config, seed, block_size=config.block_size or model.block_size,
             mask_id=model.mask_token_id, pad_id=pad_id, max_positions=model.max_positions,
