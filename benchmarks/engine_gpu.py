@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch": args.batch, "prompt_tokens": args.prompt, "new_tokens": args.new,
             "engine_tokens_per_s": sum(len(g.response_ids) for g in out) / seconds,
             "engine_seconds": seconds,
-            "forward_fraction": engine.stats.forward_fraction,
+            "slot_occupancy": engine.stats.slot_occupancy,
         }
         if not args.no_static:
             static_s, ref = _timed(lambda: generate(model, prompts, config))

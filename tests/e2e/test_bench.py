@@ -1,8 +1,9 @@
-"""The generation benchmark runs end to end and reports consistent figures (no speed asserts)."""
+"""The benchmarks run end to end and report consistent figures (no speed asserts)."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,20 @@ def test_bench_engine_quick_json():
     assert 1 <= lengths["min"] < lengths["max"] <= data["max_new_tokens"]  # stop tokens spread the lengths
     assert data["kv_bytes_per_token"] == 4 * 2 * 2 * 32 * 4  # layers * (k, v) * kv heads * head dim * fp32
     assert "speedup_vs_static" in out.stderr
+
+
+def test_engine_gpu_script_runs_on_cpu_with_a_tiny_shape():
+    """benchmarks/engine_gpu.py (the SDAR-4B-shaped GPU figure) cannot rot unnoticed on CPU CI."""
+    script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "engine_gpu.py")
+    out = subprocess.run([sys.executable, script, "--tiny", "--device", "cpu", "--batch", "4",
+                          "--prompt", "9", "--new", "8", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert data["shape"] == "tiny" and data["batch"] == 4 and data["new_tokens"] == 8
+    assert data["engine_tokens_per_s"] > 0 and data["static_tokens_per_s"] > 0
+    assert data["identical"] is True  # float32 on CPU: the engine equals generate()
+    import torch
+
+    if not torch.cuda.is_available():  # the default device is CUDA: a clear one-line refusal here
+        missing = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+        assert missing.returncode == 2 and "no CUDA device" in missing.stderr

@@ -126,7 +126,7 @@ class CanvasRunner:
         self.model = model
         self.device = model.device
         self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=self.device)
-        self.timer = ForwardTimer(self.device)  # time inside model calls (syncs on CUDA: stats only)
+        self.timer = ForwardTimer(self.device, sync=False)  # CPU: time inside model calls; CUDA: counts only
         self.query_tokens = 0  # query columns run, padding excluded
         self.cached_row_forwards = 0  # row-forwards that ran against a cache
 

@@ -3,7 +3,8 @@
 ``Engine.stats`` sums them over calls: ``forwards`` batched block steps (a step that
 prefills runs the prefill in a second model call, counted in ``model_calls``); ``row_forwards``
 request-rows over all forwards; ``rows_per_forward`` their ratio; ``wasted_row_forwards``
-row-forwards of preempted runs (recomputed); ``forward_seconds`` wall time inside model calls and
+row-forwards of preempted runs (recomputed); ``forward_seconds`` wall time inside model calls (CPU
+only: on CUDA timing them would need a device sync per call, so it stays 0) and
 ``forward_fraction`` its share of the engine's time (what ``tracerl bench generate`` calls
 forward_fraction: the rest is scheduling and per-request bookkeeping); ``slot_occupancy`` =
 (row_forwards - wasted_row_forwards) / (forwards * max_running), the share of the batch slots

@@ -42,21 +42,26 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 class ForwardTimer:
     """Wall time spent inside model forwards (for the sampler-overhead benchmark)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, sync: bool = True) -> None:
         self.seconds = 0.0
         self.forwards = 0
-        self._sync = device.type == "cuda"
+        # On CUDA a wall time needs a sync on each side; without ``sync`` (the engine's loop,
+        # which must not stall the device) only forwards are counted there.
+        self._cuda = device.type == "cuda"
+        self._timed = not self._cuda or sync
 
     def __enter__(self):
-        if self._sync:
-            torch.cuda.synchronize()
-        self._t0 = time.perf_counter()
+        if self._timed:
+            if self._cuda:
+                torch.cuda.synchronize()
+            self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        if self._sync:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - self._t0
+        if self._timed:
+            if self._cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - self._t0
         self.forwards += 1
 
 
