@@ -67,11 +67,13 @@ def check_engine(name: str, field: str = "engine") -> str:
 
 
 def generate_requests(model, prompts: list[list[int]], sampling: SamplingConfig, seeds: list[int], *,
-                      engine: str, batch_size: int, stats: GenerationStats) -> list[Generation]:
-    """One ``Generation`` per prompt, on the engine or the static sampler (see the module docstring)."""
+                      engine: str, batch_size: int, stats: GenerationStats,
+                      progress: Callable[[int], None] | None = None) -> list[Generation]:
+    """One ``Generation`` per prompt, on the engine or the static sampler (see the module
+    docstring); ``progress(n)`` as n more are generated."""
     if check_engine(engine) == "engine" and engine_serves(model, sampling) is None:
         eng = Engine(model, max_running=batch_size)
-        out = eng.generate(prompts, sampling, seeds=seeds)
+        out = eng.generate(prompts, sampling, seeds=seeds, progress=progress)
         stats.seconds += eng.stats.seconds
         stats.forward_seconds += eng.stats.forward_seconds
         stats.forwards += eng.stats.model_calls
@@ -81,6 +83,8 @@ def generate_requests(model, prompts: list[list[int]], sampling: SamplingConfig,
     for start in range(0, len(prompts), batch_size):
         out += generate(model, prompts[start:start + batch_size], sampling,
                         seeds=seeds[start:start + batch_size], stats=stats)
+        if progress is not None:
+            progress(len(out) - start)
     return out
 
 
@@ -122,7 +126,7 @@ def rollout(
     reward_seconds = 0.0
     generations = generate_requests(model, [prompts[i] for i, _ in jobs], sampling,
                                     [derive_seed(*seed_key, i, s) for i, s in jobs],
-                                    engine=engine, batch_size=batch_size, stats=stats)
+                                    engine=engine, batch_size=batch_size, stats=stats, progress=progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         gens = generations[start : start + batch_size]
@@ -134,8 +138,6 @@ def rollout(
         reward_seconds += time.perf_counter() - t0
         errors += chunk_errors
         samples += [Sample(i, s, problems[i], g, t, sc) for (i, s), g, t, sc in zip(chunk, gens, texts, scores)]
-        if progress is not None:
-            progress(len(chunk))
     return RolloutResult(samples, errors, stats, reward_seconds)
 
 

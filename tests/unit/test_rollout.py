@@ -115,3 +115,12 @@ def test_engine_setting_is_checked():
 
     with pytest.raises(ConfigError, match=r"rollout\.engine: unknown 'vllm'; valid: engine, static"):
         load_config(RLConfig, None, ["rollout.engine=vllm"])
+
+
+@pytest.mark.parametrize("engine", ["engine", "static"])
+def test_progress_counts_every_sample_as_it_is_generated(setup, engine):
+    model, problems, prompts = setup
+    calls = []
+    rollout(model, problems, prompts, SamplingConfig(max_new_tokens=8, stop_token_ids=(5, 66)), seed_key=(0,),
+            samples_per_problem=2, batch_size=4, engine=engine, progress=calls.append)
+    assert sum(calls) == 2 * len(problems) and len(calls) > 1  # advances during generation, not once

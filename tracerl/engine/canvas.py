@@ -223,8 +223,10 @@ class CanvasRunner:
         return self._block_logits(hidden, first, bmax)
 
 
-def run_canvases(model, seqs: list[CanvasSequence], max_running: int, stats: EngineStats) -> list[Generation]:
-    """The continuous-batching loop over canvases (see the module docstring); adds to ``stats``."""
+def run_canvases(model, seqs: list[CanvasSequence], max_running: int, stats: EngineStats,
+                 progress=None) -> list[Generation]:
+    """The continuous-batching loop over canvases (see the module docstring); adds to
+    ``stats``; ``progress(n)`` after a step in which n requests finished."""
     runner = CanvasRunner(model)
     pool = request_slots(seqs, max_running, model.device)
     waiting: deque[CanvasSequence] = deque(seqs)
@@ -238,7 +240,10 @@ def run_canvases(model, seqs: list[CanvasSequence], max_running: int, stats: Eng
         runner.step(running)
         stats.forwards += 1
         stats.row_forwards += len(running)
-        running = [s for s in running if s.status is not Status.FINISHED]
+        left = [s for s in running if s.status is not Status.FINISHED]
+        if progress is not None and len(left) < len(running):
+            progress(len(running) - len(left))
+        running = left
     results = [s.to_generation(model) for s in seqs]
     stats.model_calls += runner.timer.forwards
     stats.forward_seconds += runner.timer.seconds

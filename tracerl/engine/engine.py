@@ -16,6 +16,7 @@ prefix / dual caches per request.  Stats: ``EngineStats`` (stats.py).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from tracerl.engine.canvas import CanvasSequence, run_canvases
 from tracerl.engine.kv_cache import CacheGeometry, PagedKVCache
@@ -66,10 +67,11 @@ class Engine:
 
     def generate(
         self, prompts: list[list[int]], configs: SamplingConfig | list[SamplingConfig] | None = None,
-        seeds: list[int] | None = None,
+        seeds: list[int] | None = None, *, progress: Callable[[int], None] | None = None,
     ) -> list[Generation]:
         """One ``Generation`` per prompt, in input order; request i equals
-        ``generate(model, [prompts[i]], configs[i], seeds=[seeds[i]])``.
+        ``generate(model, [prompts[i]], configs[i], seeds=[seeds[i]])``.  ``progress(1)`` is
+        called as each request finishes (a progress bar's advance).
 
         Seeds follow ``generate``'s rule: ``seeds[i]``, else ``derive_seed(configs[i].seed, i)``
         when that config has a seed, else a fresh random seed.  A request that could not fit
@@ -77,7 +79,7 @@ class Engine:
         t0 = time.perf_counter()
         if not self.paged:
             results = run_canvases(self.model, make_requests(self.model, prompts, configs, seeds, cls=CanvasSequence),
-                                   self.max_running, self.stats)
+                                   self.max_running, self.stats, progress)
             self.stats.seconds += time.perf_counter() - t0
             return results
         seqs = make_requests(self.model, prompts, configs, seeds)
@@ -111,6 +113,8 @@ class Engine:
                 for s in batch:
                     if s.status is Status.FINISHED:
                         scheduler.retire(s)
+                        if progress is not None:
+                            progress(1)
         finally:  # an interrupted call must not leave pages held in a reused pool
             for s in list(scheduler.running):
                 scheduler.retire(s)
