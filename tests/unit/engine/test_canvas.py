@@ -80,7 +80,10 @@ def greedy_configs(mode: str, rng: random.Random) -> list[SamplingConfig]:
 @pytest.mark.parametrize("mode", MODES)
 def test_many_requests_equal_generate_alone(model, mode):
     rng = random.Random(1)
-    prompts = prompts_for(54, seed=2)
+    # 54 requests in the uncached mode (the issue's 50+ exactness bar); prefix / dual, which
+    # approximate the model but must still equal generate()'s own caches, with 30 (suite time).
+    count = 54 if mode == "none" else 30
+    prompts = prompts_for(count, seed=2)
     choices = greedy_configs(mode, rng)
     configs = [rng.choice(choices) for _ in prompts]
     order = list(range(len(prompts)))
@@ -94,7 +97,7 @@ def test_many_requests_equal_generate_alone(model, mode):
     # still masked) position up to the canvas end as the tail, with step 0.
     tails = [g for g in got if g.finish_reason == "stop" and model.mask_token_id in g.tail_ids]
     assert tails and all(g.tail_steps[-1] == 0 for g in tails)
-    assert stats.requests == 54 and stats.preemptions == 0
+    assert stats.requests == count and stats.preemptions == 0
     assert stats.row_forwards == sum(g.nfe for g in got)
     # Slots are refilled at every block step: only the last few steps run short.
     assert 0.75 < stats.slot_occupancy <= 1 and stats.rows_per_forward <= 8
