@@ -159,27 +159,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from tracerl.recipes.bench_generate import bench_generate, format_generate_table
 
         result = bench_generate(model_name=args.model, device=args.device, quick=args.quick)
-        print(format_generate_table(result), file=sys.stderr if args.json else sys.stdout)
-        if args.json:
-            _emit_json(result)
-        return 0
-    if args.what == "train":
+        table = format_generate_table(result)
+    elif args.what == "train":
         from tracerl.recipes.bench_train import bench_train, format_train_table
 
         result = bench_train(quick=args.quick)
-        print(format_train_table(result), file=sys.stderr if args.json else sys.stdout)
-        if args.json:
-            _emit_json(result)
-        return 0
-    if args.what == "engine":
+        table = format_train_table(result)
+    elif args.what == "engine":
         from tracerl.recipes.bench_engine import bench_engine, format_engine_table
 
         result = bench_engine(model_name=args.model, device=args.device, quick=args.quick)
-        print(format_engine_table(result), file=sys.stderr if args.json else sys.stdout)
-        if args.json:
-            _emit_json(result)
-        return 0
-    raise TracerlError(f"bench: unknown benchmark {args.what!r}; valid: generate, train, engine")
+        table = format_engine_table(result)
+    else:
+        raise TracerlError(f"bench: unknown benchmark {args.what!r}; valid: generate, train, engine")
+    print(table, file=sys.stderr if args.json else sys.stdout)  # under --json stdout holds only the JSON
+    if args.json:
+        _emit_json(result)
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
