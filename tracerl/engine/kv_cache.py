@@ -465,11 +465,6 @@ class PagedView(Cache):
         n_layers = cache.geometry.num_layers
         super().__init__(layers=[_PagedLayer(self, i) for i in range(n_layers)])
 
-    @property
-    def cached_valid(self) -> torch.Tensor:
-        """``(B, cached_columns)``: which committed key columns hold a real token."""
-        return self.key_valid[:, : self.cached_columns]
-
     def attention_mask(self) -> torch.Tensor:
         """The 4D boolean mask of this forward (``paged_block_mask``)."""
         return paged_block_mask(self.query_positions, self.query_valid, self.key_valid, self.cache.block_size)

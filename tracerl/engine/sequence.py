@@ -103,10 +103,6 @@ class Sequence:
         s = self.block_start
         return max(0, min(s + self.block_size, self.end) - max(s, len(self.prompt)))
 
-    def block_masked(self) -> torch.Tensor:
-        s = self.block_start
-        return self.masked[s:s + self.block_size]
-
     def block_final(self) -> None:
         """The current block has no masked position left (``state.record`` found it): check
         for a stop string or token, then finish or move to the next block."""
