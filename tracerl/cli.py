@@ -267,6 +267,8 @@ def _run_recipe(args: argparse.Namespace, schema, runner) -> int:
 
     path, overrides = _overrides_and_config(args)
     summary = runner(load_config(schema, path, overrides), progress=not args.no_progress)
+    if _rank() != 0:  # rank 0 reports for the run
+        return 0
     if args.json:
         _emit_json(summary)
     else:
@@ -492,12 +494,28 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     warnings_handler = _warnings_to_stderr(args.command)
     try:
-        return args.func(args)
+        code = args.func(args)
     except TracerlError as e:
-        print(f"tracerl {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        rank = f"[rank {_rank()}] " if _torchrun_worker() else ""
+        print(f"{rank}tracerl {args.command}: error: {e}", file=sys.stderr)
+        code = 2
     finally:
         logging.getLogger("tracerl").removeHandler(warnings_handler)
+    if _torchrun_worker():
+        # gloo can abort a worker at interpreter exit after a clean run (DESIGN.md, environment
+        # facts): the process group is already closed, so leave without the interpreter teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _torchrun_worker() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
 if __name__ == "__main__":

@@ -148,13 +148,27 @@ class DiffusionLM(nn.Module):
             self.write_files(tmp)
         return Path(folder)
 
-    def write_files(self, folder: Path) -> None:
-        """Write the model files into an existing folder (no atomicity: see save_pretrained)."""
+    def write_files(self, folder: Path, state_dict: dict | None = None) -> None:
+        """Write the model files into an existing folder (no atomicity: see save_pretrained).
+
+        ``state_dict``: the backbone's weights to write (keys as in ``backbone.state_dict()``)
+        instead of the live ones, e.g. gathered from the shards of several ranks."""
         backbone = self.backbone
         if hasattr(backbone, "peft_config"):  # LoRA: write the merged weights, keep the adapter live
             raise RuntimeError("merge or export the LoRA adapter before saving (tracerl.train.lora)")
         backbone.config.tracerl = self.spec.to_dict()
-        backbone.save_pretrained(folder, safe_serialization=True)
+        if state_dict is None:
+            backbone.save_pretrained(folder, safe_serialization=True)
+        else:
+            from safetensors.torch import save_file
+
+            backbone.config.save_pretrained(folder)
+            if backbone.generation_config is not None and backbone.can_generate():
+                backbone.generation_config.save_pretrained(folder)
+            if self.config.tie_word_embeddings:  # one tensor on disk, as save_pretrained writes it
+                state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(Path(folder) / "model.safetensors"),
+                      metadata={"format": "pt"})
         self.tokenizer.save_pretrained(folder)
         _check_saved_config(Path(folder) / "config.json")
 

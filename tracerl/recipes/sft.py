@@ -17,7 +17,8 @@ from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig, periodic_eval
 from tracerl.files import write_json
 from tracerl.generation.seeds import check_seed_value
-from tracerl.train import lora
+from tracerl.train import distributed, lora
+from tracerl.train.distributed import DistributedConfig
 from tracerl.train.loop import LoopConfig, TrainingRun, step_generator
 from tracerl.train.optim import OptimConfig
 from tracerl.train.sft import (
@@ -48,12 +49,22 @@ class SFTConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     lora: lora.LoraConfig = field(default_factory=lora.LoraConfig)
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         self.seed = check_seed_value(self.seed, "seed")  # torch and the data order take [0, 2**64)
 
 
 def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
+    """The SFT run: one process, or one rank of a torchrun launch (train/distributed.py)."""
+    world = distributed.start(config.distributed, config.device)
+    try:
+        return _run_sft(config, world, progress=progress)
+    finally:
+        distributed.stop(world)
+
+
+def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -62,11 +73,15 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     if config.eval.stop_at is not None and not config.eval.every:
         raise ConfigError(f"eval.stop_at={config.eval.stop_at}: needs periodic evaluation (set eval.every > 0)")
     # Everything that can be checked without the weights first: a bad path must not cost a load.
-    check_device(config.device)
+    device = distributed.rank_device(config.device, world)
+    check_device(device)
+    if world.distributed and config.eval.every:
+        raise ConfigError("eval.every: periodic evaluation on several ranks is not supported yet; evaluate the "
+                          "checkpoints with `tracerl eval`")
     check_sft_data(config.data)
     if config.eval.every:
         load_problems(config.eval.task)
-    model = load_model(config.model, device=config.device, block_size=config.objective.block_size)
+    model = load_model(config.model, device=device, block_size=config.objective.block_size)
     method = resolve_method(config.objective, model.family)
     pad_block = None if method == "ar" or not config.data.pad_to_block else model.block_size
     examples, dropped = build_examples(model, config.data, pad_block)
@@ -74,7 +89,7 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
         lora.apply_lora(model, config.lora, seed=config.seed)
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
                       save_every=config.save_every, seed=config.seed, optim=config.optim, loop=config.loop,
-                      run_config=asdict(config))
+                      run_config=asdict(config), world=world, distributed=config.distributed)
     try:
         sampler = EpochSampler(len(examples), config.seed, data_fingerprint(examples))
         if config.resume:
@@ -83,9 +98,10 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
         else:
             run.start_fresh()
         options = method_options(method, config.objective, model.tokenizer.pad_token_id)
-        per_step = config.loop.micro_batch * config.loop.accumulation
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        write_json(Path(config.output_dir) / "config.json", asdict(config))
+        per_step = config.loop.micro_batch * config.loop.accumulation * world.size  # the global batch
+        if world.is_main:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            write_json(Path(config.output_dir) / "config.json", asdict(config))
 
         # A resumed run reports (and stops on) its latest evaluation until it evaluates again: resumed
         # at its last step, or after stopping at eval.stop_at, it trains no more and its summary
@@ -94,18 +110,20 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
         stopped = bool(last_eval) and config.eval.stop_at is not None and last_eval["accuracy"] >= config.eval.stop_at
         with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("{task.fields[info]}"), console=Console(stderr=True),
-                      disable=not progress) as bar:
+                      disable=not (progress and world.is_main)) as bar:
             task = bar.add_task("sft", total=config.max_steps, completed=run.step, info="")
             while run.step < config.max_steps and not stopped:
                 t0 = time.perf_counter()
                 model.train()
                 batch = [examples[i] for i in sampler.take(per_step)]
                 out = sft_step(model, method, batch, step_generator(config.seed, run.step),
-                               micro_batch=config.loop.micro_batch, options=options, autocast=run.autocast)
-                opt = run.update(out["loss"])
+                               micro_batch=config.loop.micro_batch, options=options, autocast=run.autocast,
+                               rank=world.rank, world_size=world.size)
+                loss, targets = world.sum([out["loss"], out["targets"]])  # this rank's share -> the batch's
+                opt = run.update(loss)
                 run.advance()
                 # tokens_per_s: supervised (response) tokens of the step per second of the step.
-                row = {"loss": out["loss"], **opt, "tokens": out["tokens"], "targets": out["targets"],
+                row = {"loss": loss, **opt, "tokens": out["tokens"], "targets": int(targets),
                        "epoch": sampler.epoch, "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
                 if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
                     last_eval = periodic_eval(model, config.eval, config.seed)
@@ -114,7 +132,7 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
                 run.log(row)
                 if run.should_save() or stopped:
                     run.save({"sampler": sampler.state_dict()})
-                bar.update(task, completed=run.step, info=f"loss {out['loss']:.3f}")
+                bar.update(task, completed=run.step, info=f"loss {loss:.3f}")
                 if stopped:
                     break
     finally:
@@ -122,6 +140,8 @@ def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     summary = {"output_dir": config.output_dir, "steps": run.step, "method": method, "examples": len(examples),
                "stopped_at_accuracy": stopped,
                "dropped_too_long": dropped, "final_checkpoint": str(run.last_checkpoint),
+               **({"world_size": world.size} if world.distributed else {}),
                **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
-    write_json(Path(config.output_dir) / "summary.json", summary)
+    if world.is_main:
+        write_json(Path(config.output_dir) / "summary.json", summary)
     return summary

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,46 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+class OutputLock:
+    """An exclusive lock on a run's output folder (``.tracerl.lock``, flock: released by the
+    kernel when the holder dies, so a killed run never leaves it stale)."""
+
+    NAME = ".tracerl.lock"
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / self.NAME
+        self._file = None
+
+    def acquire(self) -> str | None:
+        """None once held; else why not (another live run holds it)."""
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = self.path.open("a+")
+        except OSError as e:
+            return f"output_dir {self.path.parent}: cannot write there ({e.strerror or e})"
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            return (f"output_dir {self.path.parent} is in use by another run (pid {holder}); wait for it to "
+                    "end or choose another output_dir (several ranks: launch with torchrun)")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the flock
+            self._file = None
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Checkpoint folders, oldest first (``checkpoint_problem`` says whether their files are
     whole); removes leftovers of interrupted saves."""
@@ -201,3 +242,84 @@ def set_aside(path: Path) -> Path:
 
 def step_of(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[1])
+
+
+# -- sharded checkpoints (several ranks) -------------------------------------------------------
+SHARDS = "shards"  # torch.distributed.checkpoint (DCP) folder inside a checkpoint of a several-rank run
+
+
+def _dcp_state(modules: dict) -> dict:
+    """``{name: {"model": ..., "optimizer": ...}}`` of FSDP2 modules and their optimizers, as DCP
+    state dicts (each rank holds its shards)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    out = {}
+    for name, (module, optimizer) in modules.items():
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        out[name] = {"model": model_sd, "optimizer": optim_sd}
+    return out
+
+
+def save_sharded_checkpoint(output_dir: str | Path, step: int, world, modules: dict, trainer_state: dict,
+                            write_main: Callable[[Path], None], keep_last: int = 0) -> Path:
+    """The checkpoint of a several-rank run, written by every rank: ``shards/`` (DCP: every
+    trained module's weights and optimizer state, each rank its shards), and by rank 0
+    ``trainer_state.pt`` (with every rank's RNG states) and what ``write_main(folder)`` writes
+    (config, tokenizer, HF weights gathered from the shards).  Atomic as ``save_checkpoint``:
+    written into a temporary sibling, renamed by rank 0 once every rank has finished."""
+    import torch.distributed.checkpoint as dcp
+
+    path = checkpoints_dir(output_dir) / f"step-{step:08d}"
+    tmp = path.with_name(f".{path.name}.tmp-sharded")
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    problem = None
+    try:
+        dcp.save(_dcp_state(modules), checkpoint_id=str(tmp / SHARDS))
+    except Exception as e:  # a full disk on any rank: every rank stops with the same message
+        problem = _os_reason(e) or brief(e)
+    rngs = world.gather(rng_state())
+    if world.is_main and problem is None:
+        try:
+            write_main(tmp)
+            with (tmp / "trainer_state.pt").open("wb") as f:
+                torch.save({**trainer_state, "step": step, "world_size": world.size, "rng": rngs[0],
+                            "rng_per_rank": rngs}, f)
+            write_manifest(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+            if keep_last > 0:
+                for old in list_checkpoints(output_dir)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+        except Exception as e:
+            problem = _os_reason(e) or brief(e)
+    problems = [p for p in world.gather(problem) if p]
+    if problems:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"{path}: cannot write the checkpoint ({problems[0]}); it is not kept, earlier ones "
+                          "are untouched")
+    return path
+
+
+def load_sharded_checkpoint(path: Path, modules: dict) -> None:
+    """Restore ``modules`` (as for ``save_sharded_checkpoint``) from ``path/shards`` in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _dcp_state(modules)
+    dcp.load(state, checkpoint_id=str(path / SHARDS))
+    for name, (module, optimizer) in modules.items():
+        set_state_dict(module, optimizer, model_state_dict=state[name]["model"],
+                       optim_state_dict=state[name]["optimizer"])
+
+
+def full_model_state(module) -> dict:
+    """The whole (unsharded) state dict of an FSDP2 module on rank 0, on the CPU ({} elsewhere);
+    every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

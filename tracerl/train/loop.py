@@ -35,6 +35,7 @@ from tracerl.errors import CheckpointError, ConfigError, OutputError, brief
 from tracerl.models.model import DiffusionLM
 from tracerl.train import checkpoint as ckpt
 from tracerl.train import lora
+from tracerl.train.distributed import DistributedConfig, World, check_same_config, is_sharded, rank_seed, shard
 from tracerl.train.metrics import MetricsLogger
 from tracerl.train.optim import OptimConfig, Optimizer, TrainingDiverged
 
@@ -48,7 +49,7 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 # generator).  Any other difference would silently make the resumed run a different experiment.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "model", "device", "max_steps", "save_every", "eval.",
                      "loop.keep_last", "loop.tensorboard", "loop.wandb", "loop.wandb_project",
-                     "loop.gradient_checkpointing")
+                     "loop.gradient_checkpointing", "distributed.timeout_s")
 
 
 @dataclass
@@ -126,7 +127,8 @@ class TrainingRun:
     ``advance`` ends the step."""
 
     def __init__(self, model: DiffusionLM, *, output_dir: str | Path, max_steps: int, save_every: int,
-                 seed: int, optim: OptimConfig, loop: LoopConfig, run_config: dict | None = None) -> None:
+                 seed: int, optim: OptimConfig, loop: LoopConfig, run_config: dict | None = None,
+                 world: World | None = None, distributed: DistributedConfig | None = None) -> None:
         if max_steps < 1:
             raise ConfigError(f"max_steps: must be >= 1, got {max_steps}")
         if save_every < 0:
@@ -138,17 +140,27 @@ class TrainingRun:
         self.seed = seed
         self.loop = loop
         self.step = 0
+        self.world = world or World()
+        self.distributed = distributed or DistributedConfig()
+        check_same_config(self.world, run_config or {}, lambda a, b: config_changes(a, b, ()))
         if loop.gradient_checkpointing:
             # Non-reentrant: the reentrant variant drops the gradients of a checkpointed segment
             # whose inputs do not require grad, i.e. every LoRA adapter (frozen embeddings).
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.world.distributed:
+            if lora.is_lora(model):
+                raise ConfigError("lora.enabled: LoRA is not supported with several ranks yet; train LoRA on one "
+                                  "rank, or train all weights on several")
+            self._shard(model, ("hidden_states", "lm_logits"))
         self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
         self.trained: dict[str, _Trained] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
         self.run_config = run_config
         self.metrics = MetricsLogger(self.output_dir, tensorboard=loop.tensorboard, wandb=loop.wandb,
-                                     wandb_project=loop.wandb_project, run_config=run_config)
+                                     wandb_project=loop.wandb_project, run_config=run_config,
+                                     enabled=self.world.is_main)
         self.last_checkpoint: Path | None = None
+        self._lock: ckpt.OutputLock | None = None
         self._t_last = time.perf_counter()
 
     # -- models ---------------------------------------------------------------------------
@@ -158,6 +170,8 @@ class TrainingRun:
         shape as the policy's), checkpointed in ``checkpoints/NAME-N`` by ``save``/``load``."""
         if name in ("step", "policy") or name in self.trained or "-" in name:
             raise ValueError(f"trained model name {name!r}: taken or invalid")
+        if self.world.distributed:
+            raise ConfigError(f"{name} model: training it on several ranks is not supported yet")
         self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load)
         return module
 
@@ -177,23 +191,46 @@ class TrainingRun:
     def _folder(self, name: str, step: int) -> Path:
         return ckpt.checkpoints_dir(self.output_dir) / f"{name}-{step:08d}"
 
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.model)
+
+    def _shard(self, module: torch.nn.Module, forward_methods: tuple[str, ...]) -> None:
+        shard(module, self.world, self.distributed, bf16=self._bf16(), forward_methods=forward_methods)
+
     # -- precision ------------------------------------------------------------------------
+    def _bf16(self) -> bool:
+        return self.loop.mixed_precision == "bf16" or (
+            self.loop.mixed_precision == "auto" and self.model.device.type == "cuda")
+
     def autocast(self):
-        device = self.model.device
-        use_bf16 = self.loop.mixed_precision == "bf16" or (
-            self.loop.mixed_precision == "auto" and device.type == "cuda")
-        if use_bf16:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        """bf16 autocast where mixed precision is on; sharded models compute in bf16 through
+        FSDP2's mixed-precision policy instead (bf16 weights, fp32 gradient reduction)."""
+        if self._bf16() and not self.sharded:
+            return torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- resume ---------------------------------------------------------------------------
     def _begin(self) -> None:
         self.metrics.truncate_after(0)
-        ckpt.seed_everything(self.seed)
+        ckpt.seed_everything(rank_seed(self.seed, self.world))
+        self.world.barrier()  # rank 0 has truncated the metrics before anyone reads them
         self._t_last = time.perf_counter()
+
+    def _claim_output_dir(self) -> None:
+        """Refuse a second run writing into this run's ``output_dir`` at the same time (e.g. two
+        copies of one command started side by side): rank 0 holds a lock on it while it runs."""
+        problem = None
+        if self.world.is_main:
+            self._lock = ckpt.OutputLock(self.output_dir)
+            problem = self._lock.acquire()
+        problem = self.world.gather(problem)[0]
+        if problem:
+            raise ConfigError(problem)
 
     def start_fresh(self) -> None:
         """A new run: refuse to mix with the checkpoints of an earlier one."""
+        self._claim_output_dir()
         existing = ckpt.latest_checkpoint(self.output_dir)
         if existing is not None:
             raise ConfigError(f"output_dir {self.output_dir} already holds checkpoint {existing.name}; "
@@ -209,12 +246,18 @@ class TrainingRun:
         ``validate(state)`` runs before anything is restored or rewritten: the recipe's own
         checks and restores (e.g. the data sampler, which refuses other data).  ``may_change``:
         config keys the recipe checks itself, on top of ``RESUME_MAY_CHANGE``."""
+        self._claim_output_dir()
         found = self._newest_complete_checkpoint()
         if found is None:  # nothing to resume: a fresh run
             self._begin()
             return None
         path, state, skipped = found
         step = int(state["step"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world.size:
+            raise ConfigError(f"resume: checkpoint {path.name} was written by {saved_world} rank(s), this run has "
+                              f"{self.world.size}; a sharded checkpoint resumes on as many ranks as wrote it "
+                              f"(nproc_per_node x nnodes = {saved_world})")
         if step > self.max_steps:
             raise ConfigError(f"resume: checkpoint {path.name} is past max_steps={self.max_steps}; "
                               f"raise max_steps or start a new output_dir")
@@ -236,11 +279,13 @@ class TrainingRun:
             raise ConfigError(f"resume: checkpoint {path.name} has no optimizer state for "
                               f"{', '.join(self.trained)} (made by an older tracerl?); start a new output_dir")
         for name in self.trained:
-            if not self._folder(name, step).is_dir():
+            if not self.sharded and not self._folder(name, step).is_dir():
                 raise ConfigError(f"resume: {name} model of step {step} missing ({self._folder(name, step)})")
         if validate is not None:
             validate(state)
-        if lora.is_lora(self.model):
+        if self.sharded:
+            ckpt.load_sharded_checkpoint(path, self._sharded_modules())
+        elif lora.is_lora(self.model):
             lora.load_adapter_weights(self.model, path / "adapter")
         else:
             weights = load_file(str(path / "model.safetensors"))
@@ -252,13 +297,15 @@ class TrainingRun:
             if set(missing) - tied or unexpected:
                 raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")
-        self.optimizer.load_state_dict(state["optimizer"])
-        for name, trained in self.trained.items():
-            trained.load(self._folder(name, step))
-            trained.optimizer.load_state_dict(state["optimizers"][name])
-        ckpt.set_rng_state(state["rng"])
+        if not self.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
+            for name, trained in self.trained.items():
+                trained.load(self._folder(name, step))
+                trained.optimizer.load_state_dict(state["optimizers"][name])
+        ckpt.set_rng_state(state["rng_per_rank"][self.world.rank] if "rng_per_rank" in state else state["rng"])
         self.step = step
         self.metrics.truncate_after(self.step)
+        self.world.barrier()
         self.last_checkpoint = path
         for broken, problem in skipped:  # out of the listing (keep_last would count it), kept to inspect
             kept = ckpt.set_aside(broken)
@@ -311,7 +358,29 @@ class TrainingRun:
     def should_save(self) -> bool:
         return self.step == self.max_steps or (self.save_every > 0 and self.step % self.save_every == 0)
 
+    def _sharded_modules(self) -> dict:
+        return {"policy": (self.model, self.optimizer.adamw),
+                **{name: (t.module, t.optimizer.adamw) for name, t in self.trained.items()}}
+
+    def _save_sharded(self, extra_state: dict) -> Path:
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.to_local()).all()]
+        if self.world.any(bool(bad)):  # never persist a broken model; every rank takes this branch
+            raise TrainingDiverged(f"non-finite weights{' in ' + bad[0] if bad else ''} at step {self.step}; "
+                                   f"checkpoint not written; last good checkpoint: {self.last_checkpoint or 'none'}")
+        state = {"lora": False, "trainable": self._trainable(), "run_config": self.run_config, **extra_state}
+        full = ckpt.full_model_state(self.model)  # every rank takes part; rank 0 gets the weights
+        prefix = "backbone."
+
+        def write_main(folder: Path) -> None:  # an HF folder of the whole model, as one rank writes it
+            self.model.write_files(folder, {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
+
+        return ckpt.save_sharded_checkpoint(self.output_dir, self.step, self.world, self._sharded_modules(), state,
+                                            write_main, keep_last=self.loop.keep_last)
+
     def save(self, extra_state: dict) -> Path:
+        if self.sharded:
+            self.last_checkpoint = self._save_sharded(extra_state)
+            return self.last_checkpoint
         state = {"optimizer": self.optimizer.state_dict(), "lora": lora.is_lora(self.model),
                  "trainable": self._trainable(), "run_config": self.run_config,
                  "optimizers": {name: t.optimizer.state_dict() for name, t in self.trained.items()},
@@ -347,3 +416,6 @@ class TrainingRun:
 
     def close(self) -> None:
         self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None

@@ -20,7 +20,8 @@ from tracerl.files import write_text
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "tracerl", run_config: dict | None = None) -> None:
+                 wandb_project: str = "tracerl", run_config: dict | None = None, enabled: bool = True) -> None:
+        self.enabled = enabled  # False on ranks other than 0: one writer per run
         self.dir = Path(output_dir)
         self.path = self.dir / "metrics.jsonl"
         self.tensorboard = tensorboard
@@ -55,7 +56,7 @@ class MetricsLogger:
         A run killed during a write can leave a half-written last line; it is dropped too.
         """
         self._purge_step = step + 1 if step > 0 else None
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = []
         for line in self.path.read_text().splitlines():
@@ -81,6 +82,8 @@ class MetricsLogger:
         return {}
 
     def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
         if not self._opened:
             self._open()
         try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tracerl.errors import ConfigError, TracerlError
+from tracerl.train.distributed import full_value
 from tracerl.train.schedule import SCHEDULES, lr_factor
 
 
@@ -65,7 +66,7 @@ class Optimizer:
         if not math.isfinite(loss):
             raise TrainingDiverged(f"non-finite loss {loss} at step {step + 1}")
         clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(self.params, clip)))  # global over shards
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at step {step + 1}")
         lr = self.lr_at(step)

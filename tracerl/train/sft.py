@@ -201,7 +201,7 @@ def method_options(method: str, c: SFTObjectiveConfig, pad_id: int | None) -> di
 
 
 def sft_step(model, method: str, batch: list[Example], generator: torch.Generator, *, micro_batch: int,
-             options: dict, autocast=contextlib.nullcontext) -> dict:
+             options: dict, autocast=contextlib.nullcontext, rank: int = 0, world_size: int = 1) -> dict:
     """Forward and backward of one optimizer batch, ``micro_batch`` examples at a time; the summed
     gradients are left in ``.grad`` for the optimizer step.
 
@@ -210,14 +210,26 @@ def sft_step(model, method: str, batch: list[Example], generator: torch.Generato
     micro-batches, and no division by the number of accumulation steps is needed.  The rows of
     consecutive micro-batches draw their noise from the one ``generator`` in example order, so
     the masks do not depend on the split either.
+
+    Several ranks: ``batch`` is the whole optimizer batch on every rank; rank r forwards the r-th
+    of ``world_size`` consecutive runs of micro-batches.  Every rank still draws the noise of
+    every micro-batch (building rows is cheap next to a forward), so each example gets the masks
+    it gets on one rank, and the returned sums (this rank's share) add up over ranks to the
+    one-rank figures.
     """
     if micro_batch < 1:
         raise ConfigError(f"loop.micro_batch: must be >= 1, got {micro_batch}")
     normaliser = count_response_tokens(batch)
+    starts = range(0, len(batch), micro_batch)
+    if len(starts) % world_size:
+        raise ConfigError(f"loop: {len(starts)} micro-batches per optimizer step do not split over {world_size} ranks")
+    per_rank = len(starts) // world_size
     loss_total, targets = 0.0, 0
-    for start in range(0, len(batch), micro_batch):
-        rows = build_sft_rows(method, model.spec, batch[start : start + micro_batch], generator,
-                              **options).to(model.device)
+    for index, start in enumerate(starts):
+        rows = build_sft_rows(method, model.spec, batch[start : start + micro_batch], generator, **options)
+        if index // per_rank != rank:
+            continue
+        rows = rows.to(model.device)
         with autocast():
             loss, stats = sft_loss(model, rows, normaliser)
         loss.backward()
