@@ -41,7 +41,7 @@ from tracerl.rewards import Score, score_batch
 class Sample:
     """One response to one problem: the trace, the text the reward read, and its score."""
 
-    problem_index: int  # index of the problem in the rollout's ``problems``
+    problem_index: int  # index of the problem in the rollout's ``problems`` (+ ``first_index``)
     sample: int  # 0 .. samples_per_problem - 1
     problem: Problem
     generation: Generation
@@ -109,6 +109,7 @@ def rollout(
     reward_workers: int = 2,
     fail_on_reward_error: bool = True,
     progress: Callable[[int], None] | None = None,
+    first_index: int = 0,
 ) -> RolloutResult:
     """``samples_per_problem`` responses per problem, scored; see the module docstring for seeds.
 
@@ -116,7 +117,9 @@ def rollout(
     sample the same problems every step).  ``engine``: "engine" (``batch_size`` requests in
     flight) or "static" (``generate`` in batches of ``batch_size``); the samples are the same.  A reward function that raises ends the rollout with
     ``fail_on_reward_error``; otherwise that sample scores 0 and is reported in
-    ``reward_errors``."""
+    ``reward_errors``.  ``first_index``: the index of ``problems[0]`` among the problems of the
+    whole step (a rank's share of them): seeds and ``problem_index`` count from it, so a sample
+    does not depend on how the step is split over ranks."""
     if len(prompts) != len(problems):
         raise ValueError(f"{len(problems)} problems but {len(prompts)} prompts")
     jobs = [(i, s) for i in range(len(problems)) for s in range(samples_per_problem)]
@@ -125,7 +128,7 @@ def rollout(
     errors: list[str] = []
     reward_seconds = 0.0
     generations = generate_requests(model, [prompts[i] for i, _ in jobs], sampling,
-                                    [derive_seed(*seed_key, i, s) for i, s in jobs],
+                                    [derive_seed(*seed_key, first_index + i, s) for i, s in jobs],
                                     engine=engine, batch_size=batch_size, stats=stats, progress=progress)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
@@ -137,7 +140,8 @@ def rollout(
                                            fail_on_reward_error)
         reward_seconds += time.perf_counter() - t0
         errors += chunk_errors
-        samples += [Sample(i, s, problems[i], g, t, sc) for (i, s), g, t, sc in zip(chunk, gens, texts, scores)]
+        samples += [Sample(first_index + i, s, problems[i], g, t, sc)
+                    for (i, s), g, t, sc in zip(chunk, gens, texts, scores)]
     return RolloutResult(samples, errors, stats, reward_seconds)
 
 

@@ -22,6 +22,7 @@ from tracerl.rl.algorithms import Algorithm, make_algorithm
 from tracerl.rl.config import RLConfig
 from tracerl.rl.loop import check_value_use, rl_step, setup_models
 from tracerl.rollout import prompts_for
+from tracerl.train import distributed
 from tracerl.train.loop import TrainingRun
 
 
@@ -64,45 +65,66 @@ def check_rl_model(config: RLConfig, algorithm: Algorithm, model) -> None:
     algorithm.check(config, model)
 
 
+def check_rl_world(config: RLConfig, world: distributed.World) -> None:
+    """Whole prompt groups go to ranks (a group's advantages need all of its responses), the same
+    number to each."""
+    if config.rollout.num_prompts % world.size:
+        raise ConfigError(f"rollout.num_prompts: {config.rollout.num_prompts} prompt groups do not split over "
+                          f"{world.size} ranks; use a multiple of {world.size}")
+
+
 def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
+    """The RL run: one process, or one rank of a torchrun launch (train/distributed.py)."""
+    world = distributed.start(config.distributed, config.device)
+    try:
+        return _run_rl(config, world, progress=progress)
+    finally:
+        distributed.stop(world)
+
+
+def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tracerl.models import load_model
 
     algorithm = check_rl_config(config)
+    check_rl_world(config, world)
+    device = distributed.rank_device(config.device, world)
     problems = load_problems(config.task)
     if config.eval.every:
         load_problems(config.eval.task)  # a bad held-out task fails now, not at the first eval
     if len(problems) < config.rollout.num_prompts:
         raise ConfigError(f"task: {len(problems)} problems, fewer than rollout.num_prompts="
                           f"{config.rollout.num_prompts}")
-    model = load_model(config.model, device=config.device, block_size=config.rollout.sampling.block_size)
+    model = load_model(config.model, device=device, block_size=config.rollout.sampling.block_size)
     check_rl_model(config, algorithm, model)
     prompts = prompts_for(model.tokenizer, problems, config.task)
 
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
                       save_every=config.save_every, seed=config.seed, optim=config.optim, loop=config.loop,
-                      run_config=asdict(config))
+                      run_config=asdict(config), world=world, distributed=config.distributed)
     setup_models(config, run)
     if config.resume:
         run.resume()
     else:
         run.start_fresh()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", asdict(config))
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", asdict(config))
 
     last_eval = run.metrics.last_logged("eval_") or None  # resumed at the last step: the figures stay
     try:
         with Progress(TextColumn("rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not progress) as bar:
+                      TextColumn("{task.fields[info]}"), console=Console(stderr=True),
+                      disable=not (progress and world.is_main)) as bar:
             task = bar.add_task("rl", total=config.max_steps, completed=run.step, info="")
             while run.step < config.max_steps:
                 row = rl_step(config, algorithm, run, problems, prompts)
                 run.advance()
                 if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
-                    last_eval = periodic_eval(model, config.eval, config.seed)
+                    last_eval = run.evaluate(lambda m: periodic_eval(m, config.eval, config.seed))
                     row.update({f"eval_{k}": v for k, v in last_eval.items()})
                 run.log(row)
                 if run.should_save():
@@ -112,6 +134,8 @@ def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
         run.close()
     summary = {"output_dir": config.output_dir, "steps": run.step, "method": config.policy.method,
                "value_model": config.value.enabled, "final_checkpoint": str(run.last_checkpoint),
+               **({"world_size": world.size} if world.distributed else {}),
                **({f"eval_{k}": v for k, v in last_eval.items()} if last_eval else {})}
-    write_json(out / "summary.json", summary)
+    if world.is_main:
+        write_json(out / "summary.json", summary)
     return summary

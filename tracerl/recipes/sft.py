@@ -75,9 +75,6 @@ def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> 
     # Everything that can be checked without the weights first: a bad path must not cost a load.
     device = distributed.rank_device(config.device, world)
     check_device(device)
-    if world.distributed and config.eval.every:
-        raise ConfigError("eval.every: periodic evaluation on several ranks is not supported yet; evaluate the "
-                          "checkpoints with `tracerl eval`")
     check_sft_data(config.data)
     if config.eval.every:
         load_problems(config.eval.task)
@@ -126,7 +123,7 @@ def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> 
                 row = {"loss": loss, **opt, "tokens": out["tokens"], "targets": int(targets),
                        "epoch": sampler.epoch, "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
                 if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
-                    last_eval = periodic_eval(model, config.eval, config.seed)
+                    last_eval = run.evaluate(lambda m: periodic_eval(m, config.eval, config.seed))
                     row.update({f"eval_{k}": v for k, v in last_eval.items()})
                     stopped = config.eval.stop_at is not None and last_eval["accuracy"] >= config.eval.stop_at
                 run.log(row)

@@ -10,6 +10,7 @@ from tracerl.eval import PeriodicEvalConfig
 from tracerl.generation import SamplingConfig
 from tracerl.generation.seeds import check_seed_value
 from tracerl.rollout import check_engine
+from tracerl.train.distributed import DistributedConfig
 from tracerl.train.loop import LoopConfig
 from tracerl.train.optim import OptimConfig
 
@@ -70,6 +71,7 @@ class RLConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)  # micro_batch = responses per micro-batch
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     fail_on_reward_error: bool = False  # a reward function that raises: 0 reward, reported (or stop)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # several ranks (torchrun)
 
     def __post_init__(self) -> None:
         self.seed = check_seed_value(self.seed, "seed")  # hashed as a non-negative int (generation/seeds.py)

@@ -20,7 +20,7 @@ import torch
 # method names over it must come back empty).
 from ..errors import ConfigError
 from ..objectives import Example, ValueModel, gae_targets, rl_normaliser, target_logprobs, value_loss
-from ..rollout import base_seed, rollout
+from ..rollout import Sample, base_seed, rollout
 from ..train.loop import TrainingRun, step_generator
 from ..train.optim import OptimConfig
 from .algorithms import Algorithm
@@ -62,8 +62,10 @@ class TargetIndex:
 def setup_models(config: RLConfig, run: TrainingRun) -> None:
     """Give the run the models this config trains besides the policy (call before resume)."""
     if config.value.enabled:
-        model = run.model
-        value_model = ValueModel(model, share_backbone=config.value.share_backbone)
+        if run.world.distributed and config.value.share_backbone:
+            raise ConfigError("value.share_backbone: not supported with several ranks yet (the head would train "
+                              "outside the policy's shards); use a separate value backbone")
+        value_model = ValueModel(run.unsharded_policy(), share_backbone=config.value.share_backbone)
         params = (list(value_model.value_head.parameters()) if config.value.share_backbone
                   else list(value_model.parameters()))
 
@@ -73,7 +75,7 @@ def setup_models(config: RLConfig, run: TrainingRun) -> None:
             value_model.load_state_dict(loaded.state_dict())
 
         run.add_trained(VALUE, value_model, params, OptimConfig(lr=config.value.lr, grad_clip=config.optim.grad_clip),
-                        save=value_model.save_pretrained, load=load)
+                        save=value_model.save_pretrained, load=load, forward_methods=("values",))
     if config.policy.kl_reference == "initial" and config.policy.beta > 0:
         run.add_frozen_copy(REFERENCE)
 
@@ -88,9 +90,41 @@ def check_value_use(config: RLConfig, algorithm: Algorithm) -> None:
         raise ConfigError(f"value.enabled: policy.method={algorithm.name!r} needs a value model (set value.enabled=true)")
 
 
+def _lockstep(world, passes: list, dummy) -> list[tuple[object, bool]]:
+    """``(pass, real)`` for this rank's forward passes, padded with ``(dummy, False)`` up to the
+    most any rank has.  A sharded model's forward and backward are collectives (each layer's
+    weights are gathered, its gradients reduced), so every rank must run as many; a padding pass
+    runs a real row and throws its result away (its loss is multiplied by 0).  One rank: the
+    passes as they are."""
+    padded = [(p, True) for p in passes]
+    if world.distributed:
+        padded += [(dummy, False)] * (world.max(len(passes)) - len(passes))
+    return padded
+
+
+def _chunks(examples, size: int) -> list:
+    examples = list(examples)
+    return [examples[i : i + size] for i in range(0, len(examples), size)]
+
+
+def _gather_rollout(world, result, problems, chosen):
+    """Every rank's samples, in the order of the whole step (rank order = problem order), with
+    the problems taken from this rank's own copy of the task."""
+    if not world.distributed:
+        return result.samples, result.reward_errors, result.reward_seconds
+    parts = world.gather(([(x.problem_index, x.sample, x.generation, x.text, x.score) for x in result.samples],
+                          result.reward_errors, result.reward_seconds))
+    samples = [Sample(i, s, problems[chosen[i]], g, t, sc) for part, _, _ in parts for i, s, g, t, sc in part]
+    return samples, [e for _, errors, _ in parts for e in errors], max(sec for _, _, sec in parts)
+
+
 def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, prompts) -> dict:
-    """Roll out, score and train for step ``run.step``; returns the step's metrics row."""
-    model, step, seed, p = run.model, run.step, config.seed, config.policy
+    """Roll out, score and train for step ``run.step``; returns the step's metrics row.
+
+    Several ranks: every rank draws the same problems; rank r rolls out the r-th share of whole
+    prompt groups (with the inference copy of the current weights), then every rank holds every
+    response, advantage and training row, and forwards its share of each pass."""
+    model, step, seed, p, world = run.model, run.step, config.seed, config.policy, run.world
     value_model = run.trained[VALUE].module if VALUE in run.trained else None
     reference = run.frozen.get(REFERENCE)
     rng = np.random.default_rng([seed, step])
@@ -99,25 +133,29 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     # 1. rollout and rewards: the same in-memory weights that are being trained
     model.eval()
     chosen = rng.choice(len(problems), config.rollout.num_prompts, replace=False).tolist()
+    share = len(chosen) // world.size  # check_rl_world: whole groups, the same number per rank
+    mine = chosen[world.rank * share : (world.rank + 1) * share]
     sampling = config.rollout.sampling
-    result = rollout(model, [problems[i] for i in chosen], [prompts[i] for i in chosen], sampling,
+    generator_model = run.sync_inference()
+    result = rollout(generator_model, [problems[i] for i in mine], [prompts[i] for i in mine], sampling,
                      seed_key=(base_seed(sampling, seed), step), samples_per_problem=config.rollout.group_size,
                      batch_size=config.rollout.batch_size, engine=config.rollout.engine,
                      reward_workers=config.loop.micro_batch,
-                     fail_on_reward_error=config.fail_on_reward_error)
-    gens = [x.generation for x in result.samples]
+                     fail_on_reward_error=config.fail_on_reward_error, first_index=world.rank * share)
+    samples, reward_errors, reward_seconds = _gather_rollout(world, result, problems, chosen)
+    gens = [x.generation for x in samples]
     t2 = time.perf_counter()
-    t1 = t2 - result.reward_seconds  # rollout = generation; reward = scoring (inside the rollout)
-    rewards = np.array([x.score.reward for x in result.samples], dtype=np.float64)
-    correct = np.array([x.score.correct for x in result.samples], dtype=bool)
-    adv, keep = algorithm.advantages(rewards, [x.problem_index for x in result.samples], correct)
+    t1 = t2 - reward_seconds  # rollout = generation; reward = scoring (inside the rollout)
+    rewards = np.array([x.score.reward for x in samples], dtype=np.float64)
+    correct = np.array([x.score.correct for x in samples], dtype=bool)
+    adv, keep = algorithm.advantages(rewards, [x.problem_index for x in samples], correct)
     kept = [i for i in range(len(gens)) if bool(keep[i])]
     tokens = sum(len(g.response_ids) for g in gens)
     row = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.mean()),
            "response_length": tokens / len(gens), "nfe_per_token": sum(g.nfe for g in gens) / max(1, tokens),
-           "kept_fraction": len(kept) / len(gens), "reward_errors": len(result.reward_errors)}
-    if result.reward_errors:
-        row["reward_error_examples"] = result.reward_errors[:3]
+           "kept_fraction": len(kept) / len(gens), "reward_errors": len(reward_errors)}
+    if reward_errors:
+        row["reward_error_examples"] = reward_errors[:3]
     if not kept:  # every group filtered out: nothing to learn from this step
         row.update(policy_loss=0.0, time_rollout=t1 - t0, time_reward=t2 - t1, time_value=0.0, time_policy=0.0)
         return row
@@ -128,15 +166,26 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
                           pad_id=model.tokenizer.pad_token_id)
     index = TargetIndex(rows)
     micro = config.loop.micro_batch
+    # The padding pass of _lockstep (several ranks): the first forward that has targets.
+    dummy = next((piece for i in range(len(examples)) for piece in index.micro_batches([i], 1, p.rows_per_forward)
+                  if piece[0].num_targets > 0), None) if world.distributed else None
+
+    def passes(chunks) -> list:
+        """This rank's forwards over its share of ``chunks`` (lists of examples)."""
+        return [piece for chunk in world.share(chunks)
+                for piece in index.micro_batches(chunk, micro, p.rows_per_forward) if piece[0].num_targets > 0]
 
     def per_target(fn):
         """Evaluate ``fn(sub_rows)`` (no grad) over the micro-batches the policy pass uses, aligned.
-        Same precision context as the policy pass, so the first on-policy ratio is exactly 1."""
+        Same precision context as the policy pass, so the first on-policy ratio is exactly 1.
+        Several ranks: each fills its share of the targets, the sum over ranks has them all."""
         out = torch.zeros(rows.num_targets)
         with torch.no_grad(), run.autocast():
-            for sub, pos in index.micro_batches(torch.arange(len(examples)), micro, p.rows_per_forward):
-                out[pos] = fn(sub).float().cpu()
-        return out
+            for (sub, pos), real in _lockstep(world, passes(_chunks(range(len(examples)), micro)), dummy):
+                values = fn(sub)
+                if real:
+                    out[pos] = values.float().cpu()
+        return world.sum_tensor(out)
 
     # 2. old log-probs (the rollout policy) and the reference for the KL term
     old_logp = per_target(lambda sub: target_logprobs(model, sub, policy=True))
@@ -152,7 +201,8 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
         var = float(returns.var()) if returns.numel() > 1 else 0.0
         row["explained_variance"] = 1.0 - float((returns - old_values).var()) / var if var > 0 else 0.0
         if step % config.value.train_every == 0:
-            row["value_loss"] = _update_values(config, run, value_model, index, old_values, returns, examples)
+            row["value_loss"] = _update_values(config, run, value_model, index, old_values, returns, examples,
+                                               passes, dummy)
             model.backbone.zero_grad(set_to_none=True)  # shared backbone: value grads must not leak
     else:
         target_adv = example_adv[rows.target_example.cpu()]
@@ -160,7 +210,7 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
 
     # 4. policy update: ppo_epochs passes over shuffled whole responses
     model.train()
-    per_update = micro * config.loop.accumulation
+    per_update = micro * config.loop.accumulation * world.size  # the optimizer batch, over all ranks
     stats_sum: dict[str, float] = {}
     updates, losses = 0, []
     max_len = max(len(e.response_ids) for e in examples)
@@ -171,10 +221,8 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
             batch_rows = int(torch.isin(rows.row_example, torch.as_tensor(batch)).sum())
             normaliser = rl_normaliser(p.normalisation, [examples[i] for i in batch], num_rows=batch_rows,
                                        response_length=max_len)
-            loss_total = 0.0
-            for sub, pos in index.micro_batches(batch, micro, p.rows_per_forward):
-                if sub.num_targets == 0:
-                    continue
+            loss_total, forwards = 0.0, 0
+            for (sub, pos), real in _lockstep(world, passes(_chunks(batch, micro)), dummy):
                 with run.autocast():
                     logp = target_logprobs(model, sub, policy=True)
                 dev = logp.device
@@ -182,15 +230,22 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
                     logp, old_logp[pos].to(dev), target_adv[pos].to(dev), normaliser=normaliser,
                     ref_logprobs=ref_logp[pos].to(dev) if ref_logp is not None else None,
                     weights=sub.target_weight.to(dev))
+                if not real:
+                    (loss * 0.0).backward()
+                    continue
                 loss.backward()
                 loss_total += float(loss.detach())
                 for k in ("ratio_mean", "clip_fraction", "approx_kl"):
                     if k in stats:
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(stats[k])
-                updates += 1
+                forwards += 1
+            loss_total, forwards = world.sum([loss_total, forwards])  # this rank's share -> the batch's
+            updates += int(forwards)
             opt = run.update(loss_total)
             losses.append(loss_total)
             row.update(lr=opt["lr"], grad_norm=opt["grad_norm"])
+    keys = sorted(stats_sum)
+    stats_sum = dict(zip(keys, world.sum([stats_sum[k] for k in keys])))
     t5 = time.perf_counter()
     row.update({"policy_loss": float(np.mean(losses)) if losses else 0.0,
                 **{("kl" if k == "approx_kl" else k): v / max(1, updates) for k, v in stats_sum.items()},
@@ -199,21 +254,24 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     return row
 
 
-def _update_values(config: RLConfig, run: TrainingRun, value_model, index, old_values, returns, examples) -> float:
+def _update_values(config: RLConfig, run: TrainingRun, value_model, index, old_values, returns, examples,
+                   passes, dummy) -> float:
     value_model.train()
-    micro = config.loop.micro_batch
     # The policy's normalisation (upstream's value loss is per row / L1, like its policy loss).
     normaliser = rl_normaliser(config.policy.normalisation, examples, num_rows=int(index.rows.row_example.numel()),
                                response_length=max(len(e.response_ids) for e in examples))
     total = 0.0
-    for sub, pos in index.micro_batches(torch.arange(len(examples)), micro, config.policy.rows_per_forward):
+    for (sub, pos), real in _lockstep(run.world, passes(_chunks(range(len(examples)), config.loop.micro_batch)), dummy):
         with run.autocast():
             values = value_model.values(sub)
         dev = values.device
         loss, _ = value_loss(values, old_values[pos].to(dev), returns[pos].to(dev), normaliser=normaliser,
                              eps=config.value.eps)
+        if not real:
+            loss = loss * 0.0
         loss.backward()
-        total += float(loss.detach())
+        total += float(loss.detach()) if real else 0.0
+    total = run.world.sum([total])[0]
     run.update(total, model=VALUE)  # refuses a non-finite loss (TrainingDiverged)
     value_model.eval()
     return total

@@ -47,7 +47,9 @@ class RankFailure(TracerlError):
 @dataclass
 class DistributedConfig:
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
-    timeout_s: float = 300.0  # a collective waiting longer than this fails the run (a rank died or hangs)
+    # A collective waiting longer than this fails the run (a rank hangs; a rank that dies is seen at
+    # once).  Long: ranks wait in one while rank 0 evaluates.
+    timeout_s: float = 1800.0
     cpu_offload: bool = False  # FSDP2: keep the sharded weights, gradients and optimizer state in CPU memory
     reshard_after_forward: bool = True  # FSDP2: free each layer's gathered weights after its forward (ZeRO-3)
 
@@ -86,6 +88,29 @@ class World:
         t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
         _collective("all_reduce", torch.distributed.all_reduce, t)
         return t.cpu().tolist()
+
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over ranks (a CPU tensor; e.g. per-target values each rank filled in part)."""
+        if not self.distributed:
+            return t
+        out = t.to(_comm_device()).contiguous()
+        _collective("all_reduce", torch.distributed.all_reduce, out)
+        return out.to(t.device)
+
+    def max(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+        _collective("all_reduce", torch.distributed.all_reduce, t, torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def share(self, items: list) -> list:
+        """This rank's part of ``items``: the r-th of ``size`` consecutive, near-equal runs."""
+        if not self.distributed:
+            return list(items)
+        base, extra = divmod(len(items), self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return list(items[start : start + base + (self.rank < extra)])
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any rank (so all ranks take one branch)."""

@@ -41,6 +41,8 @@ from tracerl.train.optim import OptimConfig, Optimizer, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
+POLICY_FORWARDS = ("hidden_states", "lm_logits")  # the methods the objectives call (sharded: gathers)
+
 MIXED_PRECISION = ("auto", "no", "bf16")
 
 # Config keys (dotted; a trailing "." covers a whole section) a resume may change: where the run
@@ -49,7 +51,7 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 # generator).  Any other difference would silently make the resumed run a different experiment.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "model", "device", "max_steps", "save_every", "eval.",
                      "loop.keep_last", "loop.tensorboard", "loop.wandb", "loop.wandb_project",
-                     "loop.gradient_checkpointing", "distributed.timeout_s")
+                     "loop.gradient_checkpointing", "distributed.")
 
 
 @dataclass
@@ -103,6 +105,13 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return g
 
 
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
 @dataclass
 class _Trained:
     """A trained model besides the policy: its optimizer and how its weights are saved/loaded."""
@@ -151,7 +160,15 @@ class TrainingRun:
             if lora.is_lora(model):
                 raise ConfigError("lora.enabled: LoRA is not supported with several ranks yet; train LoRA on one "
                                   "rank, or train all weights on several")
-            self._shard(model, ("hidden_states", "lm_logits"))
+            # The "hybrid engine" of verl: an unsharded copy per rank for generation, refreshed from the
+            # shards before each use (sync_inference).  Generation runs a different number of
+            # forwards on every rank, which the sharded model cannot: its forwards are collectives.
+            # It keeps the policy's requires_grad flags: models built from it (a value model's copy
+            # of the backbone) train what the policy trains; generation runs under no_grad.
+            self.inference: DiffusionLM | None = deepcopy(model).eval()
+            self._shard(model, POLICY_FORWARDS)
+        else:
+            self.inference = None
         self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
         self.trained: dict[str, _Trained] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
@@ -165,13 +182,18 @@ class TrainingRun:
 
     # -- models ---------------------------------------------------------------------------
     def add_trained(self, name: str, module: torch.nn.Module, params, optim: OptimConfig, *,
-                    save: Callable[[Path], None], load: Callable[[Path], None]) -> torch.nn.Module:
+                    save: Callable[[Path], None], load: Callable[[Path], None],
+                    forward_methods: tuple[str, ...] = ()) -> torch.nn.Module:
         """Train ``params`` of ``module`` with their own optimizer (same step count and schedule
-        shape as the policy's), checkpointed in ``checkpoints/NAME-N`` by ``save``/``load``."""
+        shape as the policy's), checkpointed in ``checkpoints/NAME-N`` by ``save``/``load``.
+        Several ranks: ``module`` (built from ``unsharded_policy``) is sharded and all its
+        trainable parameters are trained; it is checkpointed in the run's shards, and
+        ``forward_methods`` are the methods its users call."""
         if name in ("step", "policy") or name in self.trained or "-" in name:
             raise ValueError(f"trained model name {name!r}: taken or invalid")
-        if self.world.distributed:
-            raise ConfigError(f"{name} model: training it on several ranks is not supported yet")
+        if self.world.distributed:  # sharded like the policy; its parameters are the shards now
+            self._shard(module, forward_methods)
+            params = [p for p in module.parameters() if p.requires_grad]
         self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load)
         return module
 
@@ -179,11 +201,36 @@ class TrainingRun:
         """A frozen copy of the policy as it is now (call before ``resume``: the starting model)."""
         if self.step or self.last_checkpoint is not None:
             raise RuntimeError("add_frozen_copy: the copy must be made before the run resumes")
-        copy = deepcopy(self.model).eval()
-        for param in copy.parameters():
-            param.requires_grad_(False)
+        copy = _frozen(deepcopy(self.unsharded_policy()))
+        if self.world.distributed:
+            self._shard(copy, POLICY_FORWARDS)
         self.frozen[name] = copy
         return copy
+
+    def evaluate(self, fn: Callable[[DiffusionLM], dict]) -> dict:
+        """``fn(model)`` with the current weights (periodic evaluation); several ranks: on rank 0
+        with the inference copy, its figures handed to every rank (SFT stops on them)."""
+        model = self.sync_inference()
+        result = fn(model) if self.world.is_main else None
+        return self.world.gather(result)[0]
+
+    def unsharded_policy(self) -> DiffusionLM:
+        """The policy as a plain module: itself on one rank; with several, the inference copy
+        (build further models from it, e.g. a value model's copy of the backbone)."""
+        return self.inference if self.inference is not None else self.model
+
+    def sync_inference(self) -> DiffusionLM:
+        """The model to generate with: the policy itself, or (several ranks) the inference copy
+        loaded with the policy's current weights, gathered from the shards (every rank calls it)."""
+        if self.inference is None:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        with torch.no_grad():
+            for name, tensor in self.inference.state_dict().items():
+                tensor.copy_(full[name])
+        return self.inference
 
     def _optimizer(self, name: str) -> Optimizer:
         return self.optimizer if name == "policy" else self.trained[name].optimizer
@@ -275,7 +322,7 @@ class TrainingRun:
                 raise ConfigError(f"resume: the config differs from checkpoint {path.name}'s in "
                                   f"{'; '.join(changed)}; resume with the checkpoint's values or start a new "
                                   f"output_dir (only {', '.join(RESUME_MAY_CHANGE + may_change)} may change)")
-        if self.trained and not all(n in state.get("optimizers", {}) for n in self.trained):
+        if self.trained and not self.sharded and not all(n in state.get("optimizers", {}) for n in self.trained):
             raise ConfigError(f"resume: checkpoint {path.name} has no optimizer state for "
                               f"{', '.join(self.trained)} (made by an older tracerl?); start a new output_dir")
         for name in self.trained:

@@ -1,0 +1,81 @@
+"""RL on several ranks with real torchrun processes on gloo: TraceRL with the value model and a
+frozen KL reference, 2 ranks x accumulation 1 against 1 rank x accumulation 2 on the same prompt
+groups, and exact resume at 2 ranks."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.support import torchrun
+from tests.unit.rl.test_loop import TASK
+from tracerl.config import load_config
+from tracerl.recipes.rl import run_rl
+from tracerl.rl import RLConfig
+from tracerl.train import checkpoint as ckpt
+from tracerl.train.metrics import read_metrics
+
+RUN = TASK + ["rollout.num_prompts=4", "rollout.group_size=4", "rollout.sampling.max_new_tokens=8",
+              "rollout.sampling.temperature=1.0", "loop.micro_batch=4", "optim.lr=1e-3", "max_steps=3",
+              "save_every=1", "value.enabled=true", "policy.filter_equal=false", "policy.beta=0.01",
+              "policy.kl_reference=initial", "loop.tensorboard=false"]
+COMPARED = ("reward_mean", "accuracy", "response_length", "kept_fraction", "policy_loss", "value_loss",
+            "grad_norm", "explained_variance")
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds"} for r in rows]
+
+
+def two_ranks(out: Path, *extra: str) -> None:
+    done = torchrun.run(["rl", *RUN, f"output_dir={out}", "loop.accumulation=1", *extra])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl-ranks")
+    two_ranks(root / "two")
+    run_rl(load_config(RLConfig, None, RUN + [f"output_dir={root / 'one'}", "loop.accumulation=2"]), progress=False)
+    return root
+
+
+def test_two_ranks_equal_one_rank_with_doubled_accumulation(runs):
+    two, one = read_metrics(runs / "two" / "metrics.jsonl"), read_metrics(runs / "one" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(two, one):
+        assert a["optimizer_updates"] == b["optimizer_updates"] == 2
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["step"], key)
+    assert any(r["policy_loss"] != 0 for r in two)  # it trained
+    final = "step-00000003/model.safetensors"
+    wa, wb = load_file(str(runs / "two" / "checkpoints" / final)), load_file(str(runs / "one" / "checkpoints" / final))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_two_ranks_resume_exactly(runs):
+    out = runs / "resumed"
+    shutil.copytree(runs / "two", out)
+    shutil.rmtree(out / "checkpoints" / "step-00000003")  # as if killed after step 2's checkpoint
+    two_ranks(out, "resume=true")
+    assert comparable(read_metrics(out / "metrics.jsonl")) == comparable(read_metrics(runs / "two" / "metrics.jsonl"))
+    wa = load_file(str(ckpt.list_checkpoints(out)[-1] / "model.safetensors"))
+    wb = load_file(str(ckpt.list_checkpoints(runs / "two")[-1] / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_prompt_groups_must_split_over_the_ranks(tmp_path):
+    done = torchrun.run(["rl", *RUN, f"output_dir={tmp_path}", "rollout.num_prompts=3"], timeout=120)
+    assert done.returncode != 0
+    assert "rollout.num_prompts: 3 prompt groups do not split over 2 ranks" in done.stderr, done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_value_model_sharing_the_backbone_is_refused_on_several_ranks(tmp_path):
+    done = torchrun.run(["rl", *RUN, f"output_dir={tmp_path}", "value.share_backbone=true"], timeout=120)
+    assert done.returncode != 0 and "value.share_backbone" in done.stderr, done.stderr[-2000:]
