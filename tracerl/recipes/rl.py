@@ -71,6 +71,9 @@ def check_rl_world(config: RLConfig, world: distributed.World) -> None:
     if config.rollout.num_prompts % world.size:
         raise ConfigError(f"rollout.num_prompts: {config.rollout.num_prompts} prompt groups do not split over "
                           f"{world.size} ranks; use a multiple of {world.size}")
+    if world.distributed and config.value.enabled and config.value.share_backbone:
+        raise ConfigError("value.share_backbone: not supported with several ranks yet (the head would train "
+                          "outside the policy's shards); use a separate value backbone")
 
 
 def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
@@ -97,7 +100,8 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool) -> di
     if len(problems) < config.rollout.num_prompts:
         raise ConfigError(f"task: {len(problems)} problems, fewer than rollout.num_prompts="
                           f"{config.rollout.num_prompts}")
-    model = load_model(config.model, device=device, block_size=config.rollout.sampling.block_size)
+    model = load_model(config.model, device=device, dtype=distributed.master_dtype(world, device),
+                       block_size=config.rollout.sampling.block_size)
     check_rl_model(config, algorithm, model)
     prompts = prompts_for(model.tokenizer, problems, config.task)
 

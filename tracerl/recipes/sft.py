@@ -78,7 +78,8 @@ def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> 
     check_sft_data(config.data)
     if config.eval.every:
         load_problems(config.eval.task)
-    model = load_model(config.model, device=device, block_size=config.objective.block_size)
+    model = load_model(config.model, device=device, dtype=distributed.master_dtype(world, device),
+                       block_size=config.objective.block_size)
     method = resolve_method(config.objective, model.family)
     pad_block = None if method == "ar" or not config.data.pad_to_block else model.block_size
     examples, dropped = build_examples(model, config.data, pad_block)
@@ -86,7 +87,8 @@ def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> 
         lora.apply_lora(model, config.lora, seed=config.seed)
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
                       save_every=config.save_every, seed=config.seed, optim=config.optim, loop=config.loop,
-                      run_config=asdict(config), world=world, distributed=config.distributed)
+                      run_config=asdict(config), world=world, distributed=config.distributed,
+                      generates=bool(config.eval.every))
     try:
         sampler = EpochSampler(len(examples), config.seed, data_fingerprint(examples))
         if config.resume:

@@ -62,9 +62,6 @@ class TargetIndex:
 def setup_models(config: RLConfig, run: TrainingRun) -> None:
     """Give the run the models this config trains besides the policy (call before resume)."""
     if config.value.enabled:
-        if run.world.distributed and config.value.share_backbone:
-            raise ConfigError("value.share_backbone: not supported with several ranks yet (the head would train "
-                              "outside the policy's shards); use a separate value backbone")
         value_model = ValueModel(run.unsharded_policy(), share_backbone=config.value.share_backbone)
         params = (list(value_model.value_head.parameters()) if config.value.share_backbone
                   else list(value_model.parameters()))

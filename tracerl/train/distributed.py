@@ -214,6 +214,12 @@ def start(config: DistributedConfig, device: str) -> World:
     return world
 
 
+def master_dtype(world: World, device: str) -> str | None:
+    """The dtype to load a model in that several ranks train: float32 on GPU (the shards are the
+    fp32 master weights; FSDP2 gathers them in bf16 for compute), else the loader's default."""
+    return "float32" if world.distributed and torch.device(device).type == "cuda" else None
+
+
 def stop(world: World) -> None:
     """Leave the process group (every rank, at the end of a run)."""
     if world.distributed and torch.distributed.is_initialized():

@@ -133,11 +133,17 @@ class TrainingRun:
     run killed between the saves) are removed.  Frozen models (``add_frozen_copy``: RL's KL
     reference) are copies of the policy as it was before resume, never saved: they are rebuilt
     from the run's starting model.  Optimizer steps (``update``) use the LR of the current step;
-    ``advance`` ends the step."""
+    ``advance`` ends the step.
+
+    Several ranks (``world``, train/distributed.py): every model is sharded with FSDP2 when it
+    joins the run, a checkpoint is ``shards/`` (DCP: every model's weights and optimizer state)
+    plus the policy's HF folder gathered by rank 0, which alone writes metrics and files; with
+    ``generates`` an unsharded inference copy serves generation (``sync_inference``)."""
 
     def __init__(self, model: DiffusionLM, *, output_dir: str | Path, max_steps: int, save_every: int,
                  seed: int, optim: OptimConfig, loop: LoopConfig, run_config: dict | None = None,
-                 world: World | None = None, distributed: DistributedConfig | None = None) -> None:
+                 world: World | None = None, distributed: DistributedConfig | None = None,
+                 generates: bool = True) -> None:
         if max_steps < 1:
             raise ConfigError(f"max_steps: must be >= 1, got {max_steps}")
         if save_every < 0:
@@ -156,6 +162,7 @@ class TrainingRun:
             # Non-reentrant: the reentrant variant drops the gradients of a checkpointed segment
             # whose inputs do not require grad, i.e. every LoRA adapter (frozen embeddings).
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.inference: DiffusionLM | None = None
         if self.world.distributed:
             if lora.is_lora(model):
                 raise ConfigError("lora.enabled: LoRA is not supported with several ranks yet; train LoRA on one "
@@ -165,10 +172,12 @@ class TrainingRun:
             # forwards on every rank, which the sharded model cannot: its forwards are collectives.
             # It keeps the policy's requires_grad flags: models built from it (a value model's copy
             # of the backbone) train what the policy trains; generation runs under no_grad.
-            self.inference: DiffusionLM | None = deepcopy(model).eval()
+            # Made only for runs that generate or build models from the policy (``generates``).
+            if generates:
+                self.inference = deepcopy(model).eval()
+                if self._bf16():  # generation in bf16, as on one GPU (the fp32 masters stay in the shards)
+                    self.inference.to(torch.bfloat16)
             self._shard(model, POLICY_FORWARDS)
-        else:
-            self.inference = None
         self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
         self.trained: dict[str, _Trained] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
@@ -192,7 +201,7 @@ class TrainingRun:
         if name in ("step", "policy") or name in self.trained or "-" in name:
             raise ValueError(f"trained model name {name!r}: taken or invalid")
         if self.world.distributed:  # sharded like the policy; its parameters are the shards now
-            self._shard(module, forward_methods)
+            self._shard(module.to(self.model.dtype), forward_methods)
             params = [p for p in module.parameters() if p.requires_grad]
         self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load)
         return module
@@ -203,7 +212,7 @@ class TrainingRun:
             raise RuntimeError("add_frozen_copy: the copy must be made before the run resumes")
         copy = _frozen(deepcopy(self.unsharded_policy()))
         if self.world.distributed:
-            self._shard(copy, POLICY_FORWARDS)
+            self._shard(copy.to(self.model.dtype), POLICY_FORWARDS)
         self.frozen[name] = copy
         return copy
 
@@ -216,14 +225,21 @@ class TrainingRun:
 
     def unsharded_policy(self) -> DiffusionLM:
         """The policy as a plain module: itself on one rank; with several, the inference copy
-        (build further models from it, e.g. a value model's copy of the backbone)."""
-        return self.inference if self.inference is not None else self.model
+        (build further models from it, e.g. a value model's copy of the backbone; add_trained
+        and add_frozen_copy cast them to the policy's dtype)."""
+        if not self.sharded:
+            return self.model
+        if self.inference is None:
+            raise RuntimeError("unsharded_policy: this run was made with generates=False")
+        return self.inference
 
     def sync_inference(self) -> DiffusionLM:
         """The model to generate with: the policy itself, or (several ranks) the inference copy
         loaded with the policy's current weights, gathered from the shards (every rank calls it)."""
-        if self.inference is None:
+        if not self.sharded:
             return self.model
+        if self.inference is None:
+            raise RuntimeError("sync_inference: this run was made with generates=False")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))

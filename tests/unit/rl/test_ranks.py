@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 from tests.support import torchrun
 from tests.unit.rl.test_loop import TASK
 from tracerl.config import load_config
-from tracerl.recipes.rl import run_rl
+from tracerl.errors import ConfigError
+from tracerl.recipes.rl import check_rl_world, run_rl
 from tracerl.rl import RLConfig
 from tracerl.train import checkpoint as ckpt
+from tracerl.train.distributed import World
 from tracerl.train.metrics import read_metrics
 
 RUN = TASK + ["rollout.num_prompts=4", "rollout.group_size=4", "rollout.sampling.max_new_tokens=8",
@@ -69,13 +71,11 @@ def test_two_ranks_resume_exactly(runs):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_prompt_groups_must_split_over_the_ranks(tmp_path):
-    done = torchrun.run(["rl", *RUN, f"output_dir={tmp_path}", "rollout.num_prompts=3"], timeout=120)
-    assert done.returncode != 0
-    assert "rollout.num_prompts: 3 prompt groups do not split over 2 ranks" in done.stderr, done.stderr[-2000:]
-    assert not list(tmp_path.iterdir())
-
-
-def test_value_model_sharing_the_backbone_is_refused_on_several_ranks(tmp_path):
-    done = torchrun.run(["rl", *RUN, f"output_dir={tmp_path}", "value.share_backbone=true"], timeout=120)
-    assert done.returncode != 0 and "value.share_backbone" in done.stderr, done.stderr[-2000:]
+def test_what_several_ranks_cannot_split_is_refused_before_any_work():
+    two = World(rank=0, size=2)
+    check_rl_world(load_config(RLConfig, None, RUN), two)
+    with pytest.raises(ConfigError, match="rollout.num_prompts: 3 prompt groups do not split over 2 ranks"):
+        check_rl_world(load_config(RLConfig, None, RUN + ["rollout.num_prompts=3"]), two)
+    with pytest.raises(ConfigError, match="value.share_backbone"):
+        check_rl_world(load_config(RLConfig, None, RUN + ["value.share_backbone=true"]), two)
+    check_rl_world(load_config(RLConfig, None, RUN + ["rollout.num_prompts=3", "value.share_backbone=true"]), World())

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support import torchrun
-from tests.unit.train.test_train import base_config, comparable, letters_jsonl, make, write_config
+from tests.unit.train.test_train import base_config, comparable, gym_task, letters_jsonl, make, write_config
 from tracerl.errors import ConfigError
 from tracerl.generation import SamplingConfig, generate
 from tracerl.models import load_model
@@ -33,7 +33,11 @@ def rank_config(root: Path, name: str, accumulation: int) -> dict:
     return base_config(root / name, max_steps=STEPS, save_every=EVERY,
                        data={"file": str(data), "task": {"source": "gym", "name": "basic_arithmetic",
                                                           "split": "train", "size": 1}},
-                       loop={"micro_batch": 4, "accumulation": accumulation, "tensorboard": False})
+                       loop={"micro_batch": 4, "accumulation": accumulation, "tensorboard": False},
+                       # rank 0 evaluates (the wiring; that the inference copy follows the weights is
+                       # shown by tests/unit/rl/test_ranks.py, whose rollouts use it every step)
+                       eval={"every": 4, "task": {**gym_task("eval", 8), "seed": 1},
+                             "sampling": {"max_new_tokens": 8, "strategy": "static", "temperature": 0.0}})
 
 
 def launch(root: Path, name: str, *extra: str, **kw) -> subprocess.CompletedProcess:
@@ -62,6 +66,9 @@ def test_two_ranks_equal_one_rank_with_doubled_accumulation(runs):
         assert a["tokens"] == b["tokens"] and a["targets"] == b["targets"]  # the same batches and masks
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        for key in ("eval_accuracy", "eval_response_length", "eval_nfe_per_token"):
+            assert a.get(key) == b.get(key), (a["step"], key)
+    assert [r["step"] for r in two if "eval_accuracy" in r] == [4, 8]
     wa, wb = load_file(str(final(runs["two"]) / "model.safetensors")), load_file(str(final(runs["one"]) / "model.safetensors"))
     start = load_model("tiny-block").backbone.state_dict()
     assert wa.keys() == wb.keys()
