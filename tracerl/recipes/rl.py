@@ -78,11 +78,8 @@ def check_rl_world(config: RLConfig, world: distributed.World) -> None:
 
 def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
     """The RL run: one process, or one rank of a torchrun launch (train/distributed.py)."""
-    world = distributed.start(config.distributed, config.device)
-    try:
+    with distributed.ranks(config.distributed, config.device) as world:
         return _run_rl(config, world, progress=progress)
-    finally:
-        distributed.stop(world)
 
 
 def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool) -> dict:

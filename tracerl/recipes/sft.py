@@ -57,11 +57,8 @@ class SFTConfig:
 
 def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
     """The SFT run: one process, or one rank of a torchrun launch (train/distributed.py)."""
-    world = distributed.start(config.distributed, config.device)
-    try:
+    with distributed.ranks(config.distributed, config.device) as world:
         return _run_sft(config, world, progress=progress)
-    finally:
-        distributed.stop(world)
 
 
 def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> dict:

@@ -20,6 +20,7 @@ gradients in fp32; on CPU (gloo) everything stays fp32, which is how the tests c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -227,6 +228,16 @@ def stop(world: World) -> None:
             world.barrier()
         finally:
             torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def ranks(config: DistributedConfig, device: str):
+    """``start`` on entry, ``stop`` on exit (also after an error): the frame of a training run."""
+    world = start(config, device)
+    try:
+        yield world
+    finally:
+        stop(world)
 
 
 def config_digest(config: dict) -> str:
