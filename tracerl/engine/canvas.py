@@ -33,7 +33,8 @@ Shifted families (the logit at column c - 1 predicts token c) follow the decoder
 mode: the query starts one column earlier (``max(s - 1, 0)``) and column 0, a prompt token, gets
 placeholder logits that are never sampled from.
 
-The loop (``run_canvases``, behind ``Engine.generate`` for full-attention models).  Up to ``max_running`` requests are in flight; a request that
+The loop (``loop.CanvasLoop``, behind ``Engine.generate`` for full-attention models).  Up to ``max_running``
+requests are in flight; a request that
 finishes (stop token in a final block, or its canvas end) leaves after that block step and the
 next waiting requests take its slot before the next step.  There is no shared memory pool (each
 request holds at most one cache of its own canvas size), hence no preemption.  A request's output
@@ -43,17 +44,13 @@ of what runs beside it.
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from tracerl import masks
 from tracerl.engine.runner import unmask
-from tracerl.engine.sequence import Sequence, Status
-from tracerl.engine.state import request_slots
-from tracerl.engine.stats import EngineStats
+from tracerl.engine.sequence import Sequence
 from tracerl.errors import ConfigError
 from tracerl.generation.config import SamplingConfig
 from tracerl.generation.decoders import ForwardTimer
@@ -221,34 +218,3 @@ class CanvasRunner:
             )
         first = torch.tensor([s.block_start - self.shift for s in seqs], device=dev) - q0s
         return self._block_logits(hidden, first, bmax)
-
-
-def run_canvases(model, seqs: list[CanvasSequence], max_running: int, stats: EngineStats,
-                 progress=None) -> list[Generation]:
-    """The continuous-batching loop over canvases (see the module docstring); adds to
-    ``stats``; ``progress(n)`` after a step in which n requests finished."""
-    runner = CanvasRunner(model)
-    pool = request_slots(seqs, max_running, model.device)
-    waiting: deque[CanvasSequence] = deque(seqs)
-    running: list[CanvasSequence] = []
-    while waiting or running:
-        while waiting and len(running) < max_running:
-            seq = waiting.popleft()
-            pool.bind(seq)
-            seq.status = Status.PREFILLING
-            running.append(seq)
-        runner.step(running)
-        stats.forwards += 1
-        stats.row_forwards += len(running)
-        left = [s for s in running if s.status is not Status.FINISHED]
-        if progress is not None and len(left) < len(running):
-            progress(len(running) - len(left))
-        running = left
-    results = [s.to_generation(model) for s in seqs]
-    stats.model_calls += runner.timer.forwards
-    stats.forward_seconds += runner.timer.seconds
-    stats.cached_row_forwards += runner.cached_row_forwards
-    stats.query_tokens += runner.query_tokens
-    stats.requests += len(seqs)
-    stats.new_tokens += sum(len(r.response_ids) for r in results)
-    return results

@@ -10,7 +10,8 @@ Block attention (block and shifted families): committed blocks live in a shared 
 (kv_cache.py), the scheduler admits and preempts by pages (scheduler.py), the runner batches
 every request's current block into one forward (runner.py).  Full attention (LLaDA-like): no
 exact cache exists, so requests are whole canvases (canvas.py), with no cache or Fast-dLLM's
-prefix / dual caches per request.  Stats: ``EngineStats`` (stats.py).
+prefix / dual caches per request.  The step loop itself (loop.py) is shared with the server.
+Stats: ``EngineStats`` (stats.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from tracerl.engine.canvas import CanvasSequence, run_canvases
+from tracerl.engine.canvas import CanvasSequence
 from tracerl.engine.kv_cache import CacheGeometry, PagedKVCache
-from tracerl.engine.runner import Runner
-from tracerl.engine.scheduler import Scheduler
+from tracerl.engine.loop import BlockLoop, CanvasLoop
 from tracerl.engine.sequence import Status, make_requests
 from tracerl.engine.state import request_slots
 from tracerl.engine.stats import EngineStats
@@ -78,52 +78,45 @@ class Engine:
         the pool even alone is refused (``ConfigError`` naming ``num_pages``) before any work."""
         t0 = time.perf_counter()
         if not self.paged:
-            results = run_canvases(self.model, make_requests(self.model, prompts, configs, seeds, cls=CanvasSequence),
-                                   self.max_running, self.stats, progress)
-            self.stats.seconds += time.perf_counter() - t0
-            return results
-        seqs = make_requests(self.model, prompts, configs, seeds)
-        b = self.model.block_size
+            seqs = make_requests(self.model, prompts, configs, seeds, cls=CanvasSequence)
+            loop = CanvasLoop(self.model, request_slots(seqs, self.max_running, self.model.device), self.max_running,
+                              self.stats)
+        else:
+            seqs = make_requests(self.model, prompts, configs, seeds)
+            b = self.model.block_size
+            for s in seqs:
+                if s.config.block_size not in (None, b):
+                    raise ConfigError(
+                        f"block_size: configs[{s.rid}] asks for {s.config.block_size}, the engine's KV pages hold "
+                        f"the model's block size {b} (leave block_size unset)"
+                    )
+            cache = self.cache or PagedKVCache.for_model(
+                self.model,
+                num_pages=max(1, sum(sorted((s.num_blocks for s in seqs), reverse=True)[: self.max_running])),
+            )
+            for s in seqs:
+                check_fits(s, cache)
+            loop = BlockLoop(self.model, cache, request_slots(seqs, self.max_running, self.model.device),
+                             self.max_running, self.stats)
         for s in seqs:
-            if s.config.block_size not in (None, b):
-                raise ConfigError(
-                    f"block_size: configs[{s.rid}] asks for {s.config.block_size}, the engine's KV pages hold "
-                    f"the model's block size {b} (leave block_size unset)"
-                )
-        cache = self.cache or PagedKVCache.for_model(
-            self.model, num_pages=max(1, sum(sorted((s.num_blocks for s in seqs), reverse=True)[: self.max_running])),
-        )
-        for s in seqs:
-            if s.num_blocks > cache.num_pages:
-                raise ConfigError(
-                    f"num_pages: request {s.rid} (prompt {len(s.prompt)} tokens + max_new_tokens "
-                    f"{s.config.max_new_tokens}) needs up to {s.num_blocks} KV pages, the pool has "
-                    f"{cache.num_pages}; raise num_pages / budget_bytes or lower max_new_tokens"
-                )
-        scheduler = Scheduler(cache, self.max_running, request_slots(seqs, self.max_running, self.model.device))
-        runner = Runner(self.model, cache)
-        for s in seqs:
-            scheduler.add(s)
+            loop.add(s)
         try:
-            while not scheduler.idle():
-                batch = scheduler.schedule()
-                self.stats.query_tokens += runner.step(batch)
-                self.stats.forwards += 1
-                self.stats.row_forwards += len(batch)
-                for s in batch:
-                    if s.status is Status.FINISHED:
-                        scheduler.retire(s)
-                        if progress is not None:
-                            progress(1)
+            while not loop.idle():
+                for s in loop.step():
+                    if s.status is Status.FINISHED and progress is not None:
+                        progress(1)
         finally:  # an interrupted call must not leave pages held in a reused pool
-            for s in list(scheduler.running):
-                scheduler.retire(s)
-        results = [s.to_generation(self.model) for s in seqs]
-        self.stats.model_calls += runner.timer.forwards
-        self.stats.forward_seconds += runner.timer.seconds
-        self.stats.preemptions += scheduler.preemptions
-        self.stats.wasted_row_forwards += scheduler.wasted_row_forwards
-        self.stats.requests += len(seqs)
-        self.stats.new_tokens += sum(len(r.response_ids) for r in results)
+            loop.close()
         self.stats.seconds += time.perf_counter() - t0
-        return results
+        return [s.to_generation(self.model) for s in seqs]
+
+
+def check_fits(seq, cache: PagedKVCache) -> None:
+    """A request the pool could not hold even alone is refused before any work (the scheduler's
+    no-deadlock rule assumes every admitted request fits alone)."""
+    if seq.num_blocks > cache.num_pages:
+        raise ConfigError(
+            f"num_pages: request {seq.rid} (prompt {len(seq.prompt)} tokens + max_new_tokens "
+            f"{seq.config.max_new_tokens}) needs up to {seq.num_blocks} KV pages, the pool has "
+            f"{cache.num_pages}; raise num_pages / budget_bytes or lower max_new_tokens"
+        )

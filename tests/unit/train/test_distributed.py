@@ -5,6 +5,7 @@ exported HF folder, and the refusals of bad launches."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,11 @@ def test_killed_rank_stops_the_other_and_the_run_resumes_exactly(runs):
     cfg = write_config(root / "killed.yaml", rank_config(root, "killed", accumulation=1))
     proc, seconds, err = torchrun.kill_rank_after(["sft", str(cfg)], root / "killed", checkpoint_step=EVERY)
     assert proc.returncode != 0 and seconds < 60, (seconds, err[-2000:])
-    assert "rank 1" in err and ("died or stopped responding" in err or "SIGKILL" in err), err[-2000:]
+    # Whoever sees the death first names rank 1: rank 0's failed collective, or torchrun's report
+    # (its monitor may SIGTERM rank 0 before the collective fails: "rank      : 1 ... SIGKILL").
+    ours = "rank 1 died or stopped responding" in err
+    launchers = re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9", err) is not None
+    assert ours or launchers, err[-2000:]
     kept = ckpt.list_checkpoints(root / "killed")
     assert kept and all(ckpt.checkpoint_problem(p) is None for p in kept)  # the last complete ones intact
     assert ckpt.step_of(kept[-1]) < STEPS
