@@ -178,6 +178,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    """One option per ``ServeConfig`` field (with its comment), then the default sampling
+    options of requests (``tracerl generate``'s)."""
+    from tracerl.config import config_entries
+    from tracerl.serve.config import ServeConfig
+
+    hints = typing.get_type_hints(ServeConfig)
+    group = p.add_argument_group("server options (tracerl.serve.ServeConfig)")
+    for name, default, description in config_entries(ServeConfig):
+        if "." in name:  # defaults.*: the sampling options below
+            continue
+        action = group.add_argument("--" + name.replace("_", "-"), dest=name, default=default,
+                                    help=description.replace("%", "%%"), **_option_kwargs(hints[name]))
+        action.help = f"{action.help} (default: %(default)s)".strip()
+    _add_sampling_options(p)
+    p.description = ("Defaults of the requests' sampling fields come from the sampling options; a request's "
+                     "own fields (temperature, max_tokens, block_size, ...) override them.")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tracerl.serve.app import run_server
+    from tracerl.serve.config import ServeConfig, defaults_from_sampling
+
+    names = [f.name for f in dataclasses.fields(ServeConfig) if f.name != "defaults"]
+    config = ServeConfig(**{name: getattr(args, name) for name in names},
+                         defaults=defaults_from_sampling(_sampling_config(args)))
+    run_server(config, announce=lambda line: print(line, flush=True))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from tracerl.models import load_model
 
@@ -437,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (completions, chat, "
+                       "streaming with the decoding trace)", setup=_add_serve_options)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("score", help="score existing generations (a 'response' field + task fields)")
     p.add_argument("--task", required=True, choices=["math", "code"])

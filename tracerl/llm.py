@@ -48,8 +48,9 @@ class SamplingParams:
     is cut before the string unless ``include_stop_str_in_output``).  A stop string must encode
     to at least one token and not contain the mask token (checked per request by ``LLM``).
 
-    Diffusion options (``block_size``, ``steps``, ``strategy``, ``threshold``, ``eb_threshold``)
-    are those of ``SamplingConfig``.  ``n`` samples per prompt; with ``seed`` set, sample j of
+    Diffusion options (``block_size``, ``steps``, ``strategy``, ``threshold``, ``eb_threshold``,
+    ``full_cache``: Fast-dLLM's prefix / dual cache for full-attention models) are those of
+    ``SamplingConfig``.  ``n`` samples per prompt; with ``seed`` set, sample j of
     prompt i uses seed ``derive_seed(seed, i, j)``, else a fresh random seed.
     """
 
@@ -70,6 +71,7 @@ class SamplingParams:
     strategy: str = "static"
     threshold: float = 0.9
     eb_threshold: float = 0.35
+    full_cache: str = "none"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,7 +128,7 @@ class SamplingParams:
             return SamplingConfig(
                 max_new_tokens=self.max_tokens, block_size=self.block_size, steps=self.steps,
                 strategy=self.strategy, threshold=self.threshold, eb_threshold=self.eb_threshold,
-                temperature=float(self.temperature), top_k=max(0, self.top_k), top_p=float(self.top_p),
+                full_cache=self.full_cache, temperature=float(self.temperature), top_k=max(0, self.top_k), top_p=float(self.top_p),
                 stop_token_ids=stop_ids, stop=self.stop_strings, seed=self.seed,
                 return_logprobs=self.wants_logprobs,
             )
@@ -176,7 +178,8 @@ def _uses_engine(model: DiffusionLM, config: SamplingConfig) -> bool:
 
 
 @dataclass
-class _Request:
+class CheckedRequest:
+    """A prompt and its options after ``LLM.check_request``: ready to decode."""
     prompt: str | None
     ids: list[int]
     params: SamplingParams
@@ -216,7 +219,7 @@ class LLM:
         ids, a dict ``{"prompt": str}`` / ``{"prompt_token_ids": [...]}``, or a list of these.
         Strings are encoded without special tokens; with ``use_chat_template`` a string is the
         user turn of the tokenizer's chat template (token-id prompts are used as they are)."""
-        return self._run(self._parse(prompts, use_chat_template), sampling_params)
+        return self._run(self.parse_prompts(prompts, use_chat_template), sampling_params)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None
              ) -> list[RequestOutput]:
@@ -226,7 +229,6 @@ class LLM:
             messages = [messages]
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ConfigError(f"messages: must be a conversation or a non-empty list of them, got {messages!r}")
-        tok = self._chat_tokenizer()
         requests = []
         for i, conv in enumerate(messages):
             if not isinstance(conv, (list, tuple)) or not conv or not all(
@@ -234,9 +236,15 @@ class LLM:
                     for m in conv):
                 raise ConfigError(f"request {i}: messages: must be a non-empty list of "
                                   f"{{'role': str, 'content': str}} dicts")
-            text = tok.apply_chat_template(list(conv), add_generation_prompt=True, tokenize=False)
-            requests.append((text, tok.encode(text, add_special_tokens=False)))
+            requests.append(self.render_chat(list(conv)))
         return self._run(requests, sampling_params)
+
+    def render_chat(self, conversation: list[dict]) -> tuple[str, list[int]]:
+        """(text, token ids) of a conversation under the tokenizer's chat template, with the
+        generation prompt (the assistant turn's opening) appended."""
+        tok = self._chat_tokenizer()
+        text = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return text, tok.encode(text, add_special_tokens=False)
 
     # -- requests ------------------------------------------------------------------------------
     def _chat_tokenizer(self):
@@ -245,7 +253,7 @@ class LLM:
             raise ConfigError("chat_template: the model's tokenizer has no chat template")
         return tok
 
-    def _parse(self, prompts, chat: bool) -> list[tuple[str | None, list | None]]:
+    def parse_prompts(self, prompts, chat: bool = False) -> list[tuple[str | None, list | None]]:
         """(prompt text or None, token ids) per request; ids are checked later."""
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, (list, tuple)) and prompts and all(_is_int(t) for t in prompts)):
@@ -288,7 +296,9 @@ class LLM:
             out.append((text, ids))
         return out
 
-    def _check(self, i: int, text: str | None, ids, params) -> _Request:
+    def check_request(self, i: int, text: str | None, ids, params) -> CheckedRequest:
+        """Request ``i`` checked against the model (token ids, context, stop strings) with its
+        ``SamplingConfig``; a ``ConfigError`` ``request i: FIELD: why`` otherwise."""
         model, tok = self.model, self.model.tokenizer
         vocab = model.vocab_size
         if text is None:
@@ -317,7 +327,7 @@ class LLM:
             config = params.to_sampling_config(model)
         except ConfigError as e:
             raise ConfigError(f"request {i}: {e}") from None
-        return _Request(text, [int(t) for t in ids], params, config)
+        return CheckedRequest(text, [int(t) for t in ids], params, config)
 
     def _run(self, parsed, sampling_params) -> list[RequestOutput]:
         n = len(parsed)
@@ -328,7 +338,7 @@ class LLM:
         elif not isinstance(sampling_params, (list, tuple)) or len(sampling_params) != n:
             got = len(sampling_params) if isinstance(sampling_params, (list, tuple)) else type(sampling_params).__name__
             raise ConfigError(f"sampling_params: {got} for {n} prompts; pass one SamplingParams or one per prompt")
-        requests = [self._check(i, text, ids, p) for i, ((text, ids), p) in enumerate(zip(parsed, sampling_params))]
+        requests = [self.check_request(i, text, ids, p) for i, ((text, ids), p) in enumerate(zip(parsed, sampling_params))]
         # Every check is done: now decode.
         jobs = []  # (request, sample, seed)
         for i, r in enumerate(requests):
@@ -343,7 +353,7 @@ class LLM:
             self._next_id += 1
         return outputs
 
-    def _decode(self, requests: list[_Request], jobs) -> dict[tuple[int, int], Generation]:
+    def _decode(self, requests: list[CheckedRequest], jobs) -> dict[tuple[int, int], Generation]:
         out = {}
         on_engine = [job for job in jobs if _uses_engine(self.model, requests[job[0]].config)]
         if on_engine:
@@ -362,12 +372,24 @@ class LLM:
             out.update({(i, j): g for (i, j, _), g in zip(members, gens)})
         return out
 
-    def _completion(self, j: int, gen: Generation, r: _Request) -> CompletionOutput:
-        tok, config, params = self.model.tokenizer, r.config, r.params
+    def _completion(self, j: int, gen: Generation, r: CheckedRequest) -> CompletionOutput:
+        params = r.params
         ids = gen.response_ids
+        text, stop_reason = self.completion_text(ids, gen.finish_reason, r)
+        lps = gen.logprobs if params.wants_logprobs else None
+        return CompletionOutput(
+            index=j, text=text, token_ids=list(ids), finish_reason=gen.finish_reason, stop_reason=stop_reason,
+            logprobs=lps, cumulative_logprob=float(sum(lps)) if lps is not None else None,
+            step_map=gen.step_map, nfe=gen.nfe, trace=gen,
+        )
+
+    def completion_text(self, ids: list[int], finish_reason: str, r: CheckedRequest) -> tuple[str, str | int | None]:
+        """(text, stop_reason) of a finished response: decoded (special tokens skipped unless
+        asked), cut before the stop string that ended it unless ``include_stop_str_in_output``."""
+        tok, config, params = self.model.tokenizer, r.config, r.params
         text = tok.decode(ids, skip_special_tokens=params.skip_special_tokens)
         stop_reason = None
-        if gen.finish_reason == "stop":
+        if finish_reason == "stop":
             stop_ids = config.stop_token_ids if config.stop_token_ids is not None else default_stop_ids(self.model)
             if ids and ids[-1] in stop_ids:  # a stop string always ends before the block's first stop token
                 stop_reason = ids[-1]
@@ -376,12 +398,7 @@ class LLM:
                 at = text.find(stop_reason) if stop_reason is not None else -1
                 if at >= 0:  # not found only if the string spans a skipped special token
                     text = text[:at + (len(stop_reason) if params.include_stop_str_in_output else 0)]
-        lps = gen.logprobs if params.wants_logprobs else None
-        return CompletionOutput(
-            index=j, text=text, token_ids=list(ids), finish_reason=gen.finish_reason, stop_reason=stop_reason,
-            logprobs=lps, cumulative_logprob=float(sum(lps)) if lps is not None else None,
-            step_map=gen.step_map, nfe=gen.nfe, trace=gen,
-        )
+        return text, stop_reason
 
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
