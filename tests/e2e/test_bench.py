@@ -57,3 +57,19 @@ def test_engine_gpu_script_runs_on_cpu_with_a_tiny_shape():
     if not torch.cuda.is_available():  # the default device is CUDA: a clear one-line refusal here
         missing = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
         assert missing.returncode == 2 and "no CUDA device" in missing.stderr
+
+
+@pytest.mark.slow
+def test_serve_load_script_runs_with_zero_errors():
+    """benchmarks/serve_load.py (the serving issue's load figure), shortened: a real server
+    subprocess, concurrent answers equal to the sequential ones."""
+    script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py")
+    out = subprocess.run([sys.executable, script, "--requests", "12", "--concurrency", "4", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = json.loads(out.stdout.strip().splitlines()[-1])["runs"]
+    assert [r["concurrency"] for r in runs] == [1, 4]
+    for r in runs:
+        assert r["requests"] == 12 and r["errors"] == 0 and r["mismatched"] == 0
+        assert 0 < r["p50_s"] <= r["p99_s"] and r["tokens_per_s"] > 0
+    assert runs[1]["throughput_ratio"] == pytest.approx(runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"])

@@ -223,7 +223,7 @@ class Server:
             raise APIError(400, f"{field}:{why}", param=field) from None
         self.in_flight += len(seqs)
         tok = self.llm.model.tokenizer
-        return [Sample(k, r, self.engine.submit(seq, events, k),
+        return [Sample(k, r, self.engine.submit(seq, events, k, stream=req.stream),
                        TextStream(tok, skip_special_tokens=r.params.skip_special_tokens, stops=r.config.stop))
                 for k, (r, seq) in enumerate(seqs)]
 

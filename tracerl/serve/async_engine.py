@@ -9,7 +9,8 @@ a new request joins the batch at the next block step (continuous batching), an a
 it and its pages are free before that step.
 
 Events, per sample, on the handler's ``asyncio.Queue`` (put with ``call_soon_threadsafe``):
-``("block", BlockOutput)`` each time blocks became final (``final_length``), ``("done",
+``("block", BlockOutput)`` each time blocks became final (``final_length``; streamed requests
+only), ``("done",
 Generation)`` once, or ``("error", message)`` if the step failed (then every request of the
 batch gets it, the batch is cleared and the server goes on).
 """
@@ -55,8 +56,10 @@ class BlockOutput:
 class Handle:
     """One sample in flight: its engine request and where its events go."""
 
-    def __init__(self, seq: Sequence, events: asyncio.Queue, tag, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, seq: Sequence, events: asyncio.Queue, tag, loop: asyncio.AbstractEventLoop,
+                 stream: bool) -> None:
         self.seq, self.events, self.tag, self.loop = seq, events, tag, loop
+        self.stream = stream  # wants a "block" event per committed block (else only "done")
         self.sent = 0  # response tokens already reported
         self.done = False  # set on the event loop when the last event is read
 
@@ -155,8 +158,8 @@ class AsyncEngine:
                 f"{seq.num_blocks} KV pages, the server's pool holds {self.cache.num_pages}; lower max_tokens")
         return seq
 
-    def submit(self, seq: Sequence, events: asyncio.Queue, tag) -> Handle:
-        handle = Handle(seq, events, tag, asyncio.get_running_loop())
+    def submit(self, seq: Sequence, events: asyncio.Queue, tag, *, stream: bool = True) -> Handle:
+        handle = Handle(seq, events, tag, asyncio.get_running_loop(), stream)
         self._commands.put(("add", handle))
         return handle
 
@@ -211,7 +214,7 @@ class AsyncEngine:
             if handle is None:
                 continue
             final = final_length(seq)
-            if final > handle.sent and seq.status is not Status.FINISHED:
+            if handle.stream and final > handle.sent and seq.status is not Status.FINISHED:
                 n = len(seq.prompt)
                 lo, hi = n + handle.sent, n + final
                 lps = seq.logprob[lo:hi].tolist() if seq.config.return_logprobs else None

@@ -144,7 +144,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
         return False
     if not stream:
         raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
-    if not isinstance(opts, dict) or set(opts) - {"include_usage", "continuous_usage_stats"}:
+    if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
         raise APIError(400, "stream_options: must be an object with include_usage", param="stream_options")
     include = opts.get("include_usage", False)
     if not isinstance(include, bool):

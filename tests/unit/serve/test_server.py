@@ -331,3 +331,21 @@ def test_full_attention_model_is_served_exactly():
             chunks = list(c.completions.create(model=NAME, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=2,
                                                extra_body=extra, stream=True))
             assert [t for ch in chunks for t in ch.choices[0].model_extra["tracerl"]["token_ids"]] == want.token_ids
+
+
+def test_a_failing_engine_step_is_a_500_and_the_server_goes_on(served, client):
+    engine = served.server.engine
+    real_step = engine.loop.step
+
+    def broken_step():  # one step fails (think: a CUDA error), the next ones are real
+        engine.loop.step = real_step
+        raise RuntimeError("injected failure")
+
+    engine.loop.step = broken_step
+    r = post(served, "/v1/completions", {"prompt": PROMPT, "max_tokens": 8})
+    assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "server_error"
+    m = served.wait_idle()
+    assert m["tracerl_kv_pages_free"] == m["tracerl_kv_pages_total"]
+    assert client.completions.create(model=NAME, prompt=PROMPT, max_tokens=8).choices[0].finish_reason
+    assert httpx.get(served.url + "/health").status_code == 200
