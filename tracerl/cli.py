@@ -263,8 +263,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(summary)
     else:
-        print(f"scored {summary['scored']} rows ({summary['skipped']} skipped): accuracy "
-              f"{summary['accuracy']:.4f}, mean reward {summary['mean_reward']:.4f} -> {args.output}")
+        figures = ("no row was scored" if summary["accuracy"] is None else
+                   f"accuracy {summary['accuracy']:.4f}, mean reward {summary['mean_reward']:.4f}")
+        print(f"scored {summary['scored']} rows ({summary['skipped']} skipped): {figures} -> {args.output}")
     return 0
 
 
@@ -478,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=["math", "code"])
     p.add_argument("--input", required=True, help="JSONL with a 'response' field and the task fields")
     p.add_argument("--output", required=True, help="JSONL: every input row, in order, with the scores added")
-    p.add_argument("--answer-field", default="ground_truth_answer", help="math: the gold answer's field")
+    p.add_argument("--answer-field", default=None,
+                   help="math: the gold answer's field (default: ground_truth_answer, else answer as in "
+                        "tracerl eval's samples)")
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="keep going past malformed rows (they are written back with an 'error' field)")
     p.add_argument("--workers", type=int, default=2, help="code: programs run in parallel")

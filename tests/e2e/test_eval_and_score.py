@@ -87,3 +87,26 @@ def test_score_code_rows(tmp_path):
     assert [r["correct"] for r in scored] == [True, False, False, True]
     assert scored[1]["verdicts"] == ["passed", "failed"]
     assert summary["accuracy"] == 0.5
+
+
+def test_score_reads_tracerl_eval_samples_and_reports_no_accuracy_when_nothing_scored(tmp_path):
+    # tracerl eval's sample rows carry the gold answer in "answer": no flag needed.
+    samples = [{"problem_id": "p1", "sample": 0, "question": "1+1", "answer": "2", "response": "\\boxed{2}"},
+               {"problem_id": "p2", "sample": 0, "question": "2+2", "answer": "4", "response": "5"}]
+    src = tmp_path / "samples.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in samples))
+    summary = last_json(cli("score", "--task", "math", "--input", str(src), "--output", str(tmp_path / "o.jsonl"),
+                            "--json"))
+    assert summary["scored"] == 2 and summary["accuracy"] == 0.5
+    # A row without any gold answer field: the error names the flag that maps one.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"response": "2", "gold": "2"}) + "\n")
+    out = cli("score", "--task", "math", "--input", str(bad), "--output", str(tmp_path / "b.jsonl"))
+    assert out.returncode == 2 and "bad.jsonl:1" in out.stderr and "--answer-field" in out.stderr
+    # Every row skipped: accuracy is null, not 0.
+    summary = last_json(cli("score", "--task", "math", "--input", str(bad), "--output", str(tmp_path / "b.jsonl"),
+                            "--skip-bad-rows", "--json"))
+    assert summary["scored"] == 0 and summary["accuracy"] is None and summary["mean_reward"] is None
+    mapped = last_json(cli("score", "--task", "math", "--input", str(bad), "--output", str(tmp_path / "m.jsonl"),
+                           "--answer-field", "gold", "--json"))
+    assert mapped["accuracy"] == 1.0

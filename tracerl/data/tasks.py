@@ -49,7 +49,7 @@ class Problem:
 @dataclass
 class TaskConfig:
     source: str = "gym"  # gym (reasoning-gym generator) | jsonl | datasets | humaneval
-    name: str = "chain_sum"  # gym generator name, or the file path for jsonl / datasets
+    name: str = "chain_sum"  # gym generator name; jsonl: the file; datasets: a data file, a save_to_disk folder or a Hub id
     split: str = "eval"  # gym: "train" or "eval" (disjoint)
     size: int = 64  # gym: number of problems; jsonl/datasets/humaneval: at most this many (0 = all)
     skip: int = 0  # drop the first N problems (e.g. the ones SFT trained on: validate on unseen ones)
@@ -59,6 +59,8 @@ class TaskConfig:
     question_field: str = "question"  # jsonl/datasets: the field holding the question
     answer_field: str = "ground_truth_answer"  # jsonl/datasets: the field holding the gold answer
     skip_bad_rows: bool = False  # jsonl: skip malformed rows (reported) instead of stopping
+    subset: str | None = None  # datasets, Hub id: the dataset's config name (e.g. "main" for openai/gsm8k)
+    dataset_split: str = "train"  # datasets, a save_to_disk folder or Hub id: which of its splits
     template: str = "auto"  # see data/templates.py
     chat: bool = True  # use the tokenizer's chat template when it has one
 
@@ -242,24 +244,62 @@ def _jsonl_problems(config: TaskConfig) -> list[Problem]:
     return problems[: config.size] if config.size else problems
 
 
-def _datasets_problems(config: TaskConfig) -> list[Problem]:
+_SAVED_DATASET = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+
+
+def _pick_split(ds, where: str, split: str):
+    """A split of a ``DatasetDict`` (a plain ``Dataset`` is its own only split)."""
     import datasets
 
-    path = Path(config.name)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
-    if fmt is None:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet")
-    if fmt != "parquet":
-        read_utf8(path, DataError)  # bad bytes: name the line and offset (datasets logs and wraps them)
-    try:
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    except Exception as e:  # datasets wraps a parse failure in its own error types
-        raise DataError(f"{path}: cannot read it as {fmt}: {brief(e)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{where}: no split {split!r} (task.dataset_split); it has {', '.join(ds)}")
+        return ds[split]
+    return ds
+
+
+def _open_dataset(config: TaskConfig):
+    """(rows, label) of ``task.name``: a data file, a ``save_to_disk`` folder or a Hub dataset id."""
+    import datasets
+
+    from tracerl.models.hub import looks_like_hub_id, snapshot
+
+    name, path = config.name, Path(config.name)
+    if path.is_dir():
+        if not any((path / f).is_file() for f in _SAVED_DATASET):
+            raise DataError(f"{path}: a folder must be a datasets save_to_disk folder ({' or '.join(_SAVED_DATASET)} "
+                            f"inside); for data files give the file itself")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: cannot load it with datasets.load_from_disk: {brief(e)}") from None
+        return _pick_split(ds, str(path), config.dataset_split), path.name
+    if path.is_file():
+        fmt = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+        if fmt is None:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .csv or .parquet")
+        if fmt != "parquet":
+            read_utf8(path, DataError)  # bad bytes: name the line and offset (datasets logs and wraps them)
+        try:
+            return datasets.load_dataset(fmt, data_files=str(path), split="train"), path.name
+        except Exception as e:  # datasets wraps a parse failure in its own error types
+            raise DataError(f"{path}: cannot read it as {fmt}: {brief(e)}") from None
+    if looks_like_hub_id(name):
+        folder = snapshot(name, repo_type="dataset", error=DataError)
+        try:
+            ds = datasets.load_dataset(str(folder), config.subset, split=config.dataset_split)
+        except Exception as e:  # noqa: BLE001 (unknown subset or split, unreadable files)
+            raise DataError(f"{name}: cannot load subset {config.subset!r} split {config.dataset_split!r} "
+                            f"(task.subset, task.dataset_split): {brief(e)}") from None
+        return ds, name
+    raise DataError(f"{path}: no such file or folder (and not a Hub dataset id org/name)")
+
+
+def _datasets_problems(config: TaskConfig) -> list[Problem]:
+    ds, label = _open_dataset(config)  # label: the problem ids' prefix
     problems, skipped = [], []
     for i, row in enumerate(ds):
-        where = f"{path}: row {i + 1}"
+        where = f"{config.name}: row {i + 1}"
         kind = config.kind or _detect_kind(row)
         try:
             if kind == "math":
@@ -271,7 +311,7 @@ def _datasets_problems(config: TaskConfig) -> list[Problem]:
                 skipped.append(str(e))
                 continue
             raise
-        problems.append(problem_from_row(dict(row), kind, f"{path.name}:{i + 1}", config))
+        problems.append(problem_from_row(dict(row), kind, f"{label}:{i + 1}", config))
     _report_skipped(config.name, skipped)
     return problems[: config.size] if config.size else problems
 

@@ -17,7 +17,7 @@ import torch
 
 from tracerl.errors import ConfigError
 from tracerl.generation.config import SamplingConfig
-from tracerl.generation.sampler import Generation, check_prompts, default_stop_ids
+from tracerl.generation.sampler import Generation, check_prompts, default_stop_ids, encode_prompts
 from tracerl.generation.seeds import check_seed_value, derive_seed
 from tracerl.generation.stops import stop_string_end
 
@@ -157,7 +157,8 @@ class Sequence:
         return Generation(
             prompt_ids=list(self.prompt),
             response_ids=response,
-            text=model.tokenizer.decode(response, skip_special_tokens=False),
+            text=model.tokenizer.decode(response, skip_special_tokens=True),
+            raw_text=model.tokenizer.decode(response, skip_special_tokens=False),
             step_map=steps[n:end],
             nfe=self.nfe,
             finish_reason="stop" if stop >= 0 else "length",
@@ -178,6 +179,7 @@ def make_requests(model, prompts: list[list[int]], configs: SamplingConfig | lis
     ``generate``'s rule: ``seeds[i]``, else ``derive_seed(configs[i].seed, i)`` when the config
     draws random numbers and has a seed, else a fresh random seed.  A request's block size is
     ``config.block_size or model.block_size``, as in ``generate``."""
+    prompts = encode_prompts(prompts, model)
     check_prompts(prompts, model)
     n = len(prompts)
     if configs is None or isinstance(configs, SamplingConfig):

@@ -51,7 +51,7 @@ class Generation:
 
     prompt_ids: list[int]
     response_ids: list[int]  # through the stop token (or the token completing a stop string)
-    text: str
+    text: str  # the response decoded, special tokens (the stop token) skipped; raw_text keeps them
     step_map: list[int]  # per response token: the row's 1-based forward that unmasked it
     nfe: int  # denoising forwards this row took part in
     finish_reason: str  # "stop" | "length"
@@ -65,6 +65,7 @@ class Generation:
     # the response; TraceRL rows keep it as context so training states equal sampling states.
     tail_ids: list[int] = field(default_factory=list)
     tail_steps: list[int] = field(default_factory=list)
+    raw_text: str = ""  # every response token decoded, special ones included (what stop strings see)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +132,37 @@ def build_canvas(
     )
 
 
+def encode_prompts(prompts, model: DiffusionLM) -> list[list[int]]:
+    """Token ids of each prompt: a list of token ids as it is, a string encoded without special
+    tokens, a conversation (a list of ``{"role", "content"}`` dicts) rendered by the tokenizer's
+    chat template with the generation prompt."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise ConfigError(f"prompts: must be a list of prompts (token-id lists, strings or conversations), "
+                          f"got {type(prompts).__name__}")
+    tok = model.tokenizer
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise ConfigError(f"prompt {i}: empty prompt")
+            p = tok.encode(p, add_special_tokens=False)
+        elif isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
+            if not all(isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in p):
+                raise ConfigError(f"prompt {i}: a conversation is a list of {{'role': str, 'content': str}} dicts")
+            if not getattr(tok, "chat_template", None):
+                raise ConfigError(f"prompt {i}: a conversation needs a tokenizer with a chat template")
+            p = tok.encode(tok.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False),
+                           add_special_tokens=False)
+        elif isinstance(p, (list, tuple)) or hasattr(p, "tolist"):
+            for t in p:
+                if isinstance(t, (str, bytes, bool, float)):
+                    raise ConfigError(f"prompt {i}: token ids must be integers, got {t!r} (pass text as a string)")
+        else:
+            raise ConfigError(f"prompt {i}: must be token ids, a string or a conversation, got {type(p).__name__}")
+        out.append(p)
+    return out
+
+
 def check_prompts(prompts: list[list[int]], model: DiffusionLM) -> None:
     if not prompts:
         raise ConfigError("prompts: empty list")
@@ -164,13 +196,14 @@ def _row_seeds(seeds: list[int] | None, base: int | None, n: int) -> list[int]:
 @torch.no_grad()
 def generate(
     model: DiffusionLM,
-    prompts: list[list[int]],
+    prompts: list[list[int]] | list[str] | list[list[dict]],
     config: SamplingConfig | None = None,
     *,
     seeds: list[int] | None = None,
     stats: GenerationStats | None = None,
 ) -> list[Generation]:
-    """Decode a batch of tokenized prompts; returns one ``Generation`` per prompt, in order.
+    """Decode a batch of prompts; returns one ``Generation`` per prompt, in order.  A prompt is
+    token ids, a string or a conversation (``encode_prompts``).
 
     Seeds.  Prompt i gets its own random stream, a ``torch.Generator`` seeded with its seed:
     ``seeds[i]`` if ``seeds`` is given (one integer in [0, 2**64) per prompt); else
@@ -185,6 +218,7 @@ def generate(
     """
     config = config or SamplingConfig()
     config.validate()
+    prompts = encode_prompts(prompts, model)
     check_prompts(prompts, model)
     randomized = config.temperature > 0 or config.strategy == "random"
     if seeds is not None or randomized:
@@ -324,7 +358,8 @@ def _collect(model, canvas, step_map, logprob, confidence, nfe, finished_at, pro
         out.append(Generation(
             prompt_ids=list(map(int, prompt)),
             response_ids=response,
-            text=model.tokenizer.decode(response, skip_special_tokens=False),
+            text=model.tokenizer.decode(response, skip_special_tokens=True),
+            raw_text=model.tokenizer.decode(response, skip_special_tokens=False),
             step_map=steps[r][start:end],
             nfe=int(nfe[r]),
             finish_reason="stop" if stop >= 0 else "length",

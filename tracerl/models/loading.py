@@ -25,6 +25,7 @@ from tracerl.files import read_utf8
 from tracerl.models.family import DiffusionSpec
 from tracerl.models.layouts import Layout, layout_for_model_type
 from tracerl.models.model import DiffusionLM
+from tracerl.models.hub import looks_like_hub_id, snapshot
 from tracerl.models.presets import build_preset, is_preset
 from tracerl.models.tokenizer import ADDED_MASK_TOKEN, check_mask_token_id, resolve_mask_token_id
 
@@ -59,7 +60,8 @@ def load_model(
     block_size: int | None = None,
     seed: int = 0,
 ) -> DiffusionLM:
-    """Load a preset (``tiny-block``, ``tiny-full``, ``tiny-shifted``) or a local HF folder.
+    """Load a preset (``tiny-block``, ``tiny-full``, ``tiny-shifted``), a local HF folder or a Hub
+    id ``org/name[@revision]`` (from the HF cache, downloaded unless ``HF_HUB_OFFLINE=1``; hub.py).
 
     ``family`` / ``attention`` / ``block_size`` override what the checkpoint says (e.g. to treat
     a plain causal LM as a block-diffusion model, or to adapt a block-4 model to block 8).
@@ -69,6 +71,8 @@ def load_model(
     name = str(name_or_path)
     if is_preset(name) and not Path(name).exists():
         model = build_preset(name, seed=seed, dtype=dtype)
+    elif looks_like_hub_id(name):
+        model = _load_folder(snapshot(name, error=CheckpointError), dtype)
     else:
         model = _load_folder(Path(name), dtype)
     overrides = {k: v for k, v in dict(family=family, attention=attention, block_size=block_size).items()
@@ -83,7 +87,8 @@ def load_model(
 def _read_config(folder: Path) -> dict:
     if not folder.exists():
         raise CheckpointError(
-            f"{folder}: no such folder (and not a preset; presets: tiny-block, tiny-full, tiny-shifted)"
+            f"{folder}: no such folder (and not a preset or a Hub id org/name; presets: tiny-block, tiny-full, "
+            f"tiny-shifted)"
         )
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")

@@ -9,9 +9,13 @@ from tracerl.data.tasks import TaskConfig, problem_from_row, validate_code_row, 
 from tracerl.files import AtomicFile
 from tracerl.rewards import score_batch
 
+# Where the gold answer is, when --answer-field is not given: the upstream JSONL field, then the
+# field of tracerl's own eval samples (tracerl eval --samples).
+ANSWER_FIELDS = ("ground_truth_answer", "answer")
+
 
 def score_file(task: str, input_path: str | Path, output_path: str | Path, *, skip_bad_rows: bool = False,
-               workers: int = 2, answer_field: str = "ground_truth_answer") -> dict:
+               workers: int = 2, answer_field: str | None = None) -> dict:
     """Write every input row, in order, with ``reward``, ``correct`` and ``extracted_answer`` (math)
     or ``verdicts`` (code) added.  A malformed row stops the run with file, line and field named;
     with ``skip_bad_rows`` it is written back unscored with an ``error`` field instead (a line that
@@ -28,8 +32,9 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
     return {
         "task": task, "rows": len(out_rows), "scored": len(scored), "skipped": len(out_rows) - len(scored),
         "skipped_rows": [e for e in errors if e is not None],
-        "accuracy": sum(bool(row["correct"]) for row in scored) / len(scored) if scored else 0.0,
-        "mean_reward": sum(rewards) / len(scored) if scored else 0.0,
+        # Nothing scored means no accuracy, not an accuracy of 0.
+        "accuracy": sum(bool(row["correct"]) for row in scored) / len(scored) if scored else None,
+        "mean_reward": sum(rewards) / len(scored) if scored else None,
         "output": str(output.path),
     }
 
@@ -37,8 +42,6 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
 def _score_rows(task: str, input_path, skip_bad_rows: bool, workers: int,
                 answer_field: str) -> tuple[list[dict], list[str | None]]:
     """(every row with its scores, per row the reason it was skipped or None)."""
-    config = TaskConfig(source="jsonl", name=str(input_path), kind=task, answer_field=answer_field,
-                        question_field="question")
     rows, problems, responses, errors = [], [], [], []
     for line_no, row in iter_jsonl(input_path):
         where = f"{input_path}:{line_no}"
@@ -48,9 +51,13 @@ def _score_rows(task: str, input_path, skip_bad_rows: bool, workers: int,
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
             check_field(row, "response", str, where)
+            field = answer_field or next((f for f in ANSWER_FIELDS if f in row), ANSWER_FIELDS[0])
             if task == "math":
+                if field not in row:
+                    raise DataError(f"{where}: missing field {' or '.join(map(repr, ANSWER_FIELDS)) if answer_field is None else repr(field)} "
+                                    f"(the gold answer); name the row's answer field with --answer-field NAME")
                 # the question is optional when scoring: only the gold answer is needed
-                validate_math_row(row, where, question_field=None, answer_field=answer_field)
+                validate_math_row(row, where, question_field=None, answer_field=field)
             else:
                 validate_code_row(row, where, question_field=None)
         except DataError as e:
@@ -61,10 +68,12 @@ def _score_rows(task: str, input_path, skip_bad_rows: bool, workers: int,
             continue
         rows.append(row)
         errors.append(None)
+        config = TaskConfig(source="jsonl", name=str(input_path), kind=task, answer_field=field,
+                            question_field="question")
         problems.append(problem_from_row({"question": "", **row}, task, f"line {line_no}", config))
         responses.append(row["response"])
 
-    scores = iter(score_batch(problems, responses, workers=workers))
+    scores = iter(score_batch(problems, responses, workers=workers)) if problems else iter(())
     out_rows = []
     for row, error in zip(rows, errors):
         if error is not None:

@@ -2,26 +2,30 @@
 one optimizer batch's forward/backward (the ``tracerl sft`` recipe composes them).
 
 Data: problems of a task source (reasoning-gym, JSONL, ...) turned into (prompt, gold response)
-token ids with the task's template, or a JSONL file of ``{prompt, response[, step_map]}`` (the
-upstream SFT format: the prompt already templated) or ``{prompt_ids, response_ids[, step_map]}``.
+token ids with the task's template, or a JSONL file in one of the formats of
+data/sft_formats.py (conversations, TRL's prompt/completion, upstream's prompt/response with an
+optional step map, token ids).
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import hashlib
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from tracerl.data.jsonl import DataError, check_field, read_jsonl
+from tracerl.data.jsonl import DataError, read_jsonl
+from tracerl.data.sft_formats import FileFormat, encode_row
 from tracerl.data.tasks import TaskConfig, load_problems
 from tracerl.data.templates import problem_prompt_ids
 from tracerl.errors import ConfigError
 from tracerl.objectives import Example, build_sft_rows, count_response_tokens, sft_loss
 from tracerl.objectives.sft import METHOD_FAMILIES, SFT_METHODS
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHOD = {"block": "block", "full": "random_masking", "shifted": "ar"}
 
@@ -29,7 +33,10 @@ DEFAULT_METHOD = {"block": "block", "full": "random_masking", "shifted": "ar"}
 @dataclass
 class SFTDataConfig:
     task: TaskConfig = field(default_factory=lambda: TaskConfig(split="train", size=1000))
-    file: str | None = None  # JSONL of {prompt, response[, step_map]} or {prompt_ids, response_ids[, step_map]}
+    # JSONL in one of the formats of tracerl/data/sft_formats.py: {messages}, {prompt, completion},
+    # {prompt, response[, step_map]} or {prompt_ids, response_ids[, step_map]} (detected; logged)
+    file: str | None = None
+    chat: bool = False  # file rows with string prompts: render the prompt as a user turn of the chat template
     response_format: str = "{answer}"  # the supervised response of a task problem
     append_eos: bool = True  # end every response with the EOS token (the model learns to stop)
     # Fill the rest of the last block after the EOS with EOS targets (not for ``ar``). The sampler
@@ -102,29 +109,6 @@ def data_fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()[:16]
 
 
-_ROW_FIELDS = ("prompt", "response", "prompt_ids", "response_ids", "step_map")
-
-
-def _validate_row(row: dict, where: str) -> None:
-    # Other keys (ids, sources, metadata) are allowed, but one that looks like a misspelt field
-    # is an error: a misspelt step_map would silently train a left-to-right order.
-    for key in row:
-        if key not in _ROW_FIELDS:
-            close = difflib.get_close_matches(str(key), _ROW_FIELDS, n=1, cutoff=0.75)
-            if close:
-                raise DataError(f"{where}: unknown field {key!r}; did you mean {close[0]!r}?")
-    if "prompt_ids" in row and "prompt" in row:
-        raise DataError(f"{where}: give either prompt/response or prompt_ids/response_ids, not both")
-    if "prompt_ids" in row:
-        check_field(row, "prompt_ids", list, where)
-        check_field(row, "response_ids", list, where)
-    else:
-        check_field(row, "prompt", str, where)
-        check_field(row, "response", str, where)
-    if "step_map" in row:
-        check_field(row, "step_map", list, where)
-
-
 def _task_problems(data: SFTDataConfig):
     problems = load_problems(data.task)
     for p in problems:
@@ -137,9 +121,20 @@ def check_sft_data(data: SFTDataConfig) -> None:
     """Read and check the data (file rows or task problems) without a tokenizer: a bad path,
     row or task fails before any weights load."""
     if data.file:
-        read_jsonl(data.file, _validate_row)
+        if data.task != SFTDataConfig().task:  # said, not silent: the file's rows are the data
+            log.warning("data.file is set, so data.task (%s:%s) is not used", data.task.source, data.task.name)
+        _read_file(data)
     else:
         _task_problems(data)
+
+
+def _read_file(data: SFTDataConfig):
+    """The file's rows and their format (every row checked; one format per file)."""
+    fmt = FileFormat()
+    rows = read_jsonl(data.file, fmt).rows
+    if rows:
+        log.info("data: %s: %d rows in the %s format", data.file, len(rows), fmt.format)
+    return rows, fmt.format
 
 
 def build_examples(model, data: SFTDataConfig, pad_block: int | None = None) -> tuple[list[Example], int]:
@@ -152,16 +147,14 @@ def build_examples(model, data: SFTDataConfig, pad_block: int | None = None) -> 
     eos = [tok.eos_token_id] if data.append_eos and tok.eos_token_id is not None else []
     examples: list[Example] = []
     if data.file:
-        for line, row in read_jsonl(data.file, _validate_row).rows:
-            if "prompt_ids" in row:
-                prompt, response = row["prompt_ids"], row["response_ids"]
-            else:
-                prompt = tok.encode(row["prompt"], add_special_tokens=False)
-                response = tok.encode(row["response"], add_special_tokens=False) + eos
-            try:
-                examples.append(Example(prompt, response, row.get("step_map")))
-            except ConfigError as e:
-                raise DataError(f"{data.file}:{line}: {e}") from None
+        rows, fmt = _read_file(data)
+        for line, row in rows:
+            where = f"{data.file}:{line}"
+            for prompt, response, step_map in encode_row(tok, row, fmt, where, chat=data.chat, eos=eos):
+                try:
+                    examples.append(Example(prompt, response, step_map))
+                except ConfigError as e:
+                    raise DataError(f"{where}: {e}") from None
     else:
         for p in _task_problems(data):
             text = data.response_format.format(answer=p.answer, question=p.question)

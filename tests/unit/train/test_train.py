@@ -568,7 +568,7 @@ def test_sft_rows_with_a_misspelt_field_are_refused_before_training(tmp_path):
     for bad, message in [('{"prompt": "1+1=", "response": "2", "stepmap": [1]}', "did you mean 'step_map'"),
                          ('{"prompt_id": [1], "response_ids": [2]}', "did you mean 'prompt_ids'"),
                          ('{"prompt": "a", "response": "b", "prompt_ids": [1], "response_ids": [2]}',
-                          "not both")]:
+                          "fields of several formats")]:
         path.write_text(ok + bad + "\n")
         with pytest.raises(DataError, match=rf"sft.jsonl:2: .*{message}"):
             check_sft_data(SFTDataConfig(file=str(path)))
