@@ -58,6 +58,7 @@ class Sample:
     handle: Handle
     text: TextStream
     received: int = 0  # response tokens reported so far
+    released: bool = False  # counted out of the server's in-flight samples
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -65,14 +66,20 @@ def _error(e: APIError) -> JSONResponse:
 
 
 class _EventStream(StreamingResponse):
-    """Closes its generator however the response ends, so a request's cleanup (aborting its
-    samples) runs at once when the client goes away, not when the generator is collected."""
+    """Closes its generator however the response ends and then runs ``cleanup``, so a request's
+    samples are aborted at once when the client goes away (even before the first chunk, when the
+    generator never started and its own ``finally`` would not run)."""
+
+    def __init__(self, content, *, cleanup: Callable[[], None], **kw) -> None:
+        super().__init__(content, **kw)
+        self.cleanup = cleanup
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
+            self.cleanup()
 
 
 def _sse(obj) -> str:
@@ -204,7 +211,8 @@ class Server:
             return _error(e)
         if req.stream:
             return _EventStream(self._stream(req, samples, route, t0), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                cleanup=lambda: self._release(samples))
         return await self._complete(req, samples, request, route, t0)
 
     def _submit(self, req: ServeRequest) -> list[Sample]:
@@ -228,16 +236,19 @@ class Server:
                 for k, (r, seq) in enumerate(seqs)]
 
     def _release(self, samples: list[Sample]) -> None:
-        """After a request, whatever happened: unfinished samples leave the engine."""
+        """After a request, whatever happened (idempotent): unfinished samples leave the engine."""
         aborted = False
         for s in samples:
+            if s.released:
+                continue
+            s.released = True
+            self.in_flight -= 1
             if not s.handle.done:
                 s.handle.done = True
                 self.engine.abort(s.handle)
                 aborted = True
         if aborted:
             self.metrics.request_aborted()
-        self.in_flight -= len(samples)
 
     async def _next_event(self, events: asyncio.Queue, t0: float):
         left = self.config.request_timeout_s - (time.perf_counter() - t0)
