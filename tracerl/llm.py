@@ -128,7 +128,8 @@ class SamplingParams:
             return SamplingConfig(
                 max_new_tokens=self.max_tokens, block_size=self.block_size, steps=self.steps,
                 strategy=self.strategy, threshold=self.threshold, eb_threshold=self.eb_threshold,
-                full_cache=self.full_cache, temperature=float(self.temperature), top_k=max(0, self.top_k), top_p=float(self.top_p),
+                full_cache=self.full_cache, temperature=float(self.temperature), top_k=max(0, self.top_k),
+                top_p=float(self.top_p),
                 stop_token_ids=stop_ids, stop=self.stop_strings, seed=self.seed,
                 return_logprobs=self.wants_logprobs,
             )
