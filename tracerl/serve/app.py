@@ -293,8 +293,7 @@ class Server:
                       "block_size": gen.block_size} if req.return_trace else None)
             choices.append(choice(req, s.index, text, gen.finish_reason, logprobs=lps, trace=trace,
                                   stop_reason=stop_reason))
-        completion_tokens = sum(len(g.response_ids) for g in results.values())
-        return JSONResponse(envelope(req, choices, usage_body=usage(req.prompt_tokens, completion_tokens)))
+        return JSONResponse(envelope(req, choices, usage_body=usage(req.prompt_tokens, generated)))
 
     @staticmethod
     async def _watch_disconnect(request: Request, events: asyncio.Queue) -> None:
