@@ -25,7 +25,7 @@ import shutil
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from tracerl.models.model import DiffusionLM
 from tracerl.train import checkpoint as ckpt
 from tracerl.train import lora
 from tracerl.train.distributed import DistributedConfig, World, check_same_config, is_sharded, rank_seed, shard
-from tracerl.train.metrics import MetricsLogger
+from tracerl.train.metrics import MetricsLogger, check_reporting
 from tracerl.train.optim import OptimConfig, Optimizer, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ MIXED_PRECISION = ("auto", "no", "bf16")
 # point of extending a run), what it logs and keeps, and evaluation (its sampler has its own
 # generator).  Any other difference would silently make the resumed run a different experiment.
 RESUME_MAY_CHANGE = ("resume", "output_dir", "model", "device", "max_steps", "save_every", "eval.",
-                     "loop.keep_last", "loop.tensorboard", "loop.wandb", "loop.wandb_project",
+                     "loop.keep_last", "loop.report_to", "loop.wandb_project",
+                     "loop.tensorboard", "loop.wandb",  # the switches report_to replaced, in older runs' configs
                      "loop.gradient_checkpointing", "distributed.")
 
 
@@ -61,8 +62,9 @@ class LoopConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
     mixed_precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     keep_last: int = 0  # checkpoints to keep (0 = all)
-    tensorboard: bool = True  # also write TensorBoard events (where installed)
-    wandb: bool = False  # also log to Weights & Biases (where installed)
+    # Trackers beside metrics.jsonl, TRL's names: tensorboard, wandb (online when logged in, a local
+    # run folder with WANDB_MODE=offline), all (every installed one), none.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str = "tracerl"  # W&B project name
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ class LoopConfig:
             raise ConfigError(f"loop.keep_last: must be >= 0 (0 = keep all), got {self.keep_last}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"loop.mixed_precision: {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
+        self.report_to = check_reporting(self.report_to)  # a missing package fails here, before any load
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -182,7 +185,7 @@ class TrainingRun:
         self.trained: dict[str, _Trained] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
         self.run_config = run_config
-        self.metrics = MetricsLogger(self.output_dir, tensorboard=loop.tensorboard, wandb=loop.wandb,
+        self.metrics = MetricsLogger(self.output_dir, report_to=loop.report_to,
                                      wandb_project=loop.wandb_project, run_config=run_config,
                                      enabled=self.world.is_main)
         self.last_checkpoint: Path | None = None

@@ -24,7 +24,7 @@ from tracerl.train.metrics import read_metrics
 RUN = TASK + ["rollout.num_prompts=4", "rollout.group_size=4", "rollout.sampling.max_new_tokens=8",
               "rollout.sampling.temperature=1.0", "loop.micro_batch=4", "optim.lr=1e-3", "max_steps=3",
               "save_every=1", "value.enabled=true", "policy.filter_equal=false", "policy.beta=0.01",
-              "policy.kl_reference=initial", "loop.tensorboard=false"]
+              "policy.kl_reference=initial", "loop.report_to=[none]"]
 COMPARED = ("reward_mean", "accuracy", "response_length", "kept_fraction", "policy_loss", "value_loss",
             "grad_norm", "explained_variance")
 

@@ -40,7 +40,7 @@ def same_weights(a: Path, b: Path) -> bool:
 def finished(tmp_path_factory):
     """A 4-step SFT run with checkpoints at steps 2 and 4 and an evaluation every 2 steps."""
     root = tmp_path_factory.mktemp("finished")
-    cfg = base_config(root / "run", max_steps=4, save_every=2, loop={"micro_batch": 8, "tensorboard": False},
+    cfg = base_config(root / "run", max_steps=4, save_every=2, loop={"micro_batch": 8, "report_to": ["none"]},
                       eval={"every": 2, "task": gym_task("eval", 4), "sampling": {"max_new_tokens": 4}})
     summary = run_sft(make(cfg), progress=False)
     return {"root": root, "cfg": cfg, "summary": summary}
@@ -126,7 +126,7 @@ def test_a_full_disk_while_saving_is_one_error_and_keeps_the_last_checkpoint(tmp
     # Room for one checkpoint (3.3 MB of weights; no optimizer state yet), not for two.
     with mounted_tmpfs(tmp_path / "disk", size="5m") as disk:
         run = TrainingRun(model, output_dir=disk / "run", max_steps=4, save_every=1, seed=0, optim=OptimConfig(),
-                          loop=LoopConfig(tensorboard=False))
+                          loop=LoopConfig(report_to=["none"]))
         run.start_fresh()
         run.step = 1
         first = run.save({})

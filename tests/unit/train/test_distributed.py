@@ -34,7 +34,7 @@ def rank_config(root: Path, name: str, accumulation: int) -> dict:
     return base_config(root / name, max_steps=STEPS, save_every=EVERY,
                        data={"file": str(data), "task": {"source": "gym", "name": "basic_arithmetic",
                                                           "split": "train", "size": 1}},
-                       loop={"micro_batch": 4, "accumulation": accumulation, "tensorboard": False},
+                       loop={"micro_batch": 4, "accumulation": accumulation, "report_to": ["none"]},
                        # rank 0 evaluates (the wiring; that the inference copy follows the weights is
                        # shown by tests/unit/rl/test_ranks.py, whose rollouts use it every step)
                        eval={"every": 4, "task": {**gym_task("eval", 8), "seed": 1},
