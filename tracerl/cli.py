@@ -40,6 +40,14 @@ def _warnings_to_stderr(command: str):
     return handler
 
 
+def _progress_mode(args: argparse.Namespace) -> str:
+    """--no-progress: none; --json: plain lines on stderr (stdout holds only the JSON); else a bar
+    on a terminal and plain lines elsewhere (tracerl/progress.py)."""
+    if getattr(args, "no_progress", False):
+        return "off"
+    return "lines" if getattr(args, "json", False) else "auto"
+
+
 def _emit_json(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
@@ -158,17 +166,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "generate":
         from tracerl.recipes.bench_generate import bench_generate, format_generate_table
 
-        result = bench_generate(model_name=args.model, device=args.device, quick=args.quick)
+        result = bench_generate(model_name=args.model, device=args.device, quick=args.quick,
+                                progress=_progress_mode(args))
         table = format_generate_table(result)
     elif args.what == "train":
         from tracerl.recipes.bench_train import bench_train, format_train_table
 
-        result = bench_train(quick=args.quick)
+        result = bench_train(quick=args.quick, progress=_progress_mode(args))
         table = format_train_table(result)
     elif args.what == "engine":
         from tracerl.recipes.bench_engine import bench_engine, format_engine_table
 
-        result = bench_engine(model_name=args.model, device=args.device, quick=args.quick)
+        result = bench_engine(model_name=args.model, device=args.device, quick=args.quick,
+                              progress=_progress_mode(args))
         table = format_engine_table(result)
     else:
         raise TracerlError(f"bench: unknown benchmark {args.what!r}; valid: generate, train, engine")
@@ -253,7 +263,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from tracerl.recipes.score import score_file
 
     summary = score_file(args.task, args.input, args.output, skip_bad_rows=args.skip_bad_rows,
-                         workers=args.workers, answer_field=args.answer_field)
+                         workers=args.workers, answer_field=args.answer_field, progress=_progress_mode(args))
     skipped = summary["skipped_rows"]
     for reason in skipped[:_SHOWN_SKIPS]:
         print(f"tracerl score: skipped {reason}", file=sys.stderr)
@@ -276,7 +286,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path, overrides = _overrides_and_config(args)
     config = load_config(EvalConfig, path, overrides)
-    summary = run_eval(config, show_progress=not args.no_progress)
+    summary = run_eval(config, progress=_progress_mode(args))
     table = "\n".join(f"{k:22s} {v:.4f}" if isinstance(v, float) else f"{k:22s} {v}"
                       for k, v in summary.items() if k != "sampling")
     print(table, file=sys.stderr if args.json else sys.stdout)
@@ -299,7 +309,7 @@ def _run_recipe(args: argparse.Namespace, schema, runner) -> int:
     from tracerl.config import load_config
 
     path, overrides = _overrides_and_config(args)
-    summary = runner(load_config(schema, path, overrides), progress=not args.no_progress)
+    summary = runner(load_config(schema, path, overrides), progress=_progress_mode(args))
     if _rank() != 0:  # rank 0 reports for the run
         return 0
     if args.json:
@@ -334,7 +344,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    summary = run_quickstart(config, progress=not args.no_progress, log=log)
+    summary = run_quickstart(config, progress=_progress_mode(args), log=log)
     print(format_table(summary), file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         _emit_json(summary)
@@ -468,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny-block")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller sizes, for smoke tests")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -485,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="keep going past malformed rows (they are written back with an 'error' field)")
     p.add_argument("--workers", type=int, default=2, help="code: programs run in parallel")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)
 

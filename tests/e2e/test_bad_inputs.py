@@ -153,7 +153,7 @@ def test_score_output_on_a_full_disk_leaves_no_partial_file(tmp_path):
     row = json.dumps({"response": "12", "ground_truth_answer": "12", "pad": "x" * 3000}) + "\n"
     src.write_text(row * 6)  # 18 KB of output for an 8 KB disk
     with mounted_tmpfs(tmp_path / "full", size="8k") as full:
-        one_line_error(cli("score", "--task", "math", "--input", src, "--output", full / "x.jsonl"), "score",
+        one_line_error(cli("score", "--task", "math", "--input", src, "--output", full / "x.jsonl", "--no-progress"), "score",
                        f"{full / 'x.jsonl'}: cannot write (No space left on device)")
         assert list(full.iterdir()) == []
 
@@ -165,14 +165,14 @@ def test_score_output_on_a_full_disk_leaves_no_partial_file(tmp_path):
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, size):
     with mounted_tmpfs(tmp_path / "disk", size=size) as disk:
         done = cli("sft", f"output_dir={disk / 'run'}", "max_steps=1", *(f"data.task.{a}" for a in GYM),
-                   "data.task.size=8", "loop.tensorboard=false", "--no-progress")
+                   "data.task.size=8", "loop.report_to=[none]", "--no-progress")
         one_line_error(done, "sft", f"{disk / 'run' / 'checkpoints' / 'step-00000001'}: cannot write the checkpoint "
                        "(No space left on device)", "last good checkpoint: none")
         assert list((disk / "run" / "checkpoints").iterdir()) == []  # no half-written folder
 
 
 def test_a_resume_past_a_truncated_checkpoint_says_so_in_one_line(tmp_path):
-    args = ["max_steps=2", "save_every=1", *(f"data.task.{a}" for a in GYM), "loop.tensorboard=false",
+    args = ["max_steps=2", "save_every=1", *(f"data.task.{a}" for a in GYM), "loop.report_to=[none]",
             f"output_dir={tmp_path / 'run'}", "--no-progress"]
     assert cli("sft", *args).returncode == 0
     state = tmp_path / "run" / "checkpoints" / "step-00000002" / "trainer_state.pt"

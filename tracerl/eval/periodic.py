@@ -24,12 +24,13 @@ class PeriodicEvalConfig:
         check_engine(self.engine)
 
 
-def periodic_eval(model, config: PeriodicEvalConfig, seed: int) -> dict:
-    """Accuracy, NFE per token, mean response length and problem count of ``model`` on the task."""
+def periodic_eval(model, config: PeriodicEvalConfig, seed: int, *, progress=None) -> dict:
+    """Accuracy, NFE per token, mean response length and problem count of ``model`` on the task
+    (``progress(n)`` as n more samples finish)."""
     model.eval()
     problems = load_problems(config.task)
     eval_config = EvalConfig(task=config.task, sampling=config.sampling, n=config.n, k=[1],
                              batch_size=config.batch_size, engine=config.engine, seed=seed)
-    summary, _ = evaluate(model, problems, eval_config)
+    summary, _ = evaluate(model, problems, eval_config, progress=progress)
     return {"accuracy": summary["accuracy"], "nfe_per_token": summary["nfe_per_token"],
             "response_length": summary["mean_response_length"], "problems": summary["problems"]}

@@ -22,6 +22,7 @@ import torch
 from tracerl.engine import Engine
 from tracerl.generation import SamplingConfig, generate
 from tracerl.models import load_model
+from tracerl.progress import ProgressReporter
 
 # Two byte ids of the tiny tokenizer, each drawn about once per 250 tokens by the random tiny
 # models at temperature 1 (measured on tiny-block): stop probability about 1/126 per token.
@@ -42,7 +43,8 @@ def _same(a, b) -> bool:
 
 
 def bench_engine(model_name: str = "tiny-block", device: str = "cpu", quick: bool = False,
-                 requests: int | None = None, max_running: int | None = None, cap: int | None = None) -> dict:
+                 requests: int | None = None, max_running: int | None = None, cap: int | None = None,
+                 progress: bool | str = False) -> dict:
     requests = requests or (24 if quick else 256)
     max_running = max_running or (8 if quick else 64)
     cap = cap or (64 if quick else 512)
@@ -52,16 +54,21 @@ def bench_engine(model_name: str = "tiny-block", device: str = "cpu", quick: boo
     config = SamplingConfig(max_new_tokens=cap, temperature=1.0, stop_token_ids=BENCH_STOP_IDS)
     generate(model, prompts[:2], dataclasses.replace(config, max_new_tokens=8), seeds=seeds[:2])  # warm-up
 
-    t0 = time.perf_counter()
-    static = []
-    for i in range(0, requests, max_running):
-        static += generate(model, prompts[i:i + max_running], config, seeds=seeds[i:i + max_running])
-    static_s = time.perf_counter() - t0
+    # Progress counts requests of both runs: the static batches first, then the engine's.
+    with ProgressReporter("bench engine", 2 * requests, unit="req", progress=progress) as bar:
+        bar.update(run="static")
+        t0 = time.perf_counter()
+        static = []
+        for i in range(0, requests, max_running):
+            static += generate(model, prompts[i:i + max_running], config, seeds=seeds[i:i + max_running])
+            bar.update(len(static))
+        static_s = time.perf_counter() - t0
 
-    engine = Engine(model, max_running=max_running)
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, config, seeds=seeds)
-    engine_s = time.perf_counter() - t0
+        engine = Engine(model, max_running=max_running)
+        bar.update(run="engine")
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, config, seeds=seeds, progress=lambda n: bar.update(advance=n))
+        engine_s = time.perf_counter() - t0
 
     tokens = sum(len(g.response_ids) for g in out)
     static_tokens = sum(len(g.response_ids) for g in static)

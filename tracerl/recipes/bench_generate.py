@@ -10,6 +10,7 @@ import torch
 
 from tracerl.generation import GenerationStats, SamplingConfig, generate
 from tracerl.models import load_model
+from tracerl.progress import ProgressReporter
 
 
 def _random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -33,7 +34,8 @@ def _run(model, prompts, config: SamplingConfig) -> dict:
     }
 
 
-def bench_generate(model_name: str = "tiny-block", device: str = "cpu", quick: bool = False) -> dict:
+def bench_generate(model_name: str = "tiny-block", device: str = "cpu", quick: bool = False,
+                   progress: bool | str = False) -> dict:
     """Tokens/s, NFE per token, time share inside forwards, and the KV-cache speed-up.
 
     Prompt 128 tokens, 256 new tokens (quick: 32 and 32), greedy static decoding with one token
@@ -44,12 +46,16 @@ def bench_generate(model_name: str = "tiny-block", device: str = "cpu", quick: b
     torch.manual_seed(0)
     model = load_model(model_name, device=device)
     runs: dict[str, dict] = {}
+    with ProgressReporter("bench generate", 2 * len(batches), unit="run", progress=progress) as bar:
+        for batch in batches:
+            prompts = _random_prompts(batch, prompt_len, model.vocab_size, seed=batch)
+            for use_cache in (True, False):
+                config = SamplingConfig(max_new_tokens=new_tokens, use_cache=use_cache, stop_token_ids=())
+                generate(model, prompts[:1], SamplingConfig(max_new_tokens=8, stop_token_ids=()))  # warm-up
+                name = f"batch{batch}_{'cache' if use_cache else 'nocache'}"
+                runs[name] = _run(model, prompts, config)
+                bar.update(advance=1, last=name, tokens_per_s=runs[name]["tokens_per_s"])
     for batch in batches:
-        prompts = _random_prompts(batch, prompt_len, model.vocab_size, seed=batch)
-        for use_cache in (True, False):
-            config = SamplingConfig(max_new_tokens=new_tokens, use_cache=use_cache, stop_token_ids=())
-            generate(model, prompts[:1], SamplingConfig(max_new_tokens=8, stop_token_ids=()))  # warm-up
-            runs[f"batch{batch}_{'cache' if use_cache else 'nocache'}"] = _run(model, prompts, config)
         runs[f"batch{batch}_cache"]["cache_speedup"] = (
             runs[f"batch{batch}_nocache"]["seconds"] / runs[f"batch{batch}_cache"]["seconds"]
         )

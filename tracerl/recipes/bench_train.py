@@ -27,6 +27,7 @@ import torch
 
 from tracerl import masks
 from tracerl.errors import ConfigError
+from tracerl.progress import ProgressReporter
 from tracerl.objectives import Example, block_sft_rows, count_response_tokens, sft_loss
 from tracerl.train.optim import OptimConfig, Optimizer
 
@@ -101,7 +102,7 @@ def _per_block_loss_backward(model, examples: list[Example], rows, normaliser: f
 
 def bench_train(quick: bool = False, *, model_name: str = "tiny-block", device: str = "cpu",
                 batch: int | None = None, prompt_len: int | None = None, response_len: int | None = None,
-                repeats: int | None = None, seed: int = 0) -> dict:
+                repeats: int | None = None, seed: int = 0, progress: bool | str = False) -> dict:
     """Training tokens/s of block SFT and the two-copy vs per-block forward+backward cost."""
     from tracerl.models import load_model
 
@@ -142,28 +143,32 @@ def bench_train(quick: bool = False, *, model_name: str = "tiny-block", device: 
         optimizer.step(step_counter[0], float(loss.detach()))
         step_counter[0] += 1
 
-    step_s, _ = _timed(train_step, dev, sizes["repeats"])
+    with ProgressReporter("bench train", 3, unit="phase", progress=progress) as bar:
+        step_s, _ = _timed(train_step, dev, sizes["repeats"])
+        bar.update(advance=1, step_seconds=step_s)
 
-    # 2. Same masks both ways, forward + backward only (gradients zeroed between runs).
-    rows = block_sft_rows(model.spec, examples, torch.Generator().manual_seed(seed)).to(dev)
+        # 2. Same masks both ways, forward + backward only (gradients zeroed between runs).
+        rows = block_sft_rows(model.spec, examples, torch.Generator().manual_seed(seed)).to(dev)
 
-    def two_copy():
-        for p in params:
-            p.grad = None
-        with autocast():
-            loss, _ = sft_loss(model, rows, normaliser)
-        loss.backward()
-        return float(loss.detach())
+        def two_copy():
+            for p in params:
+                p.grad = None
+            with autocast():
+                loss, _ = sft_loss(model, rows, normaliser)
+            loss.backward()
+            return float(loss.detach())
 
-    def per_block():
-        for p in params:
-            p.grad = None
-        with autocast():
-            return _per_block_loss_backward(model, examples, rows, normaliser)
+        def per_block():
+            for p in params:
+                p.grad = None
+            with autocast():
+                return _per_block_loss_backward(model, examples, rows, normaliser)
 
-    two_copy_s, two_copy_loss = _timed(two_copy, dev, sizes["repeats"])
-    two_copy_grad = [p.grad.detach().clone() for p in params]
-    per_block_s, (per_block_loss, forwards) = _timed(per_block, dev, sizes["repeats"])
+        two_copy_s, two_copy_loss = _timed(two_copy, dev, sizes["repeats"])
+        bar.update(advance=1, two_copy_seconds=two_copy_s)
+        two_copy_grad = [p.grad.detach().clone() for p in params]
+        per_block_s, (per_block_loss, forwards) = _timed(per_block, dev, sizes["repeats"])
+        bar.update(advance=1, per_block_seconds=per_block_s)
     grad_diff = max(float((p.grad - g0).abs().max()) for p, g0 in zip(params, two_copy_grad))
     grad_scale = max(float(g0.abs().max()) for g0 in two_copy_grad)
     for p in params:

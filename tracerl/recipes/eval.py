@@ -9,12 +9,10 @@ from tracerl.data.jsonl import write_rows
 from tracerl.data.tasks import load_problems
 from tracerl.eval import EvalConfig, evaluate
 from tracerl.files import AtomicFile
+from tracerl.progress import ProgressReporter
 
 
-def run_eval(config: EvalConfig, *, show_progress: bool = True) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def run_eval(config: EvalConfig, *, progress: bool | str = True) -> dict:
     from tracerl.models import check_finite, load_model
 
     problems = load_problems(config.task)  # a bad task fails before any weights load
@@ -23,10 +21,9 @@ def run_eval(config: EvalConfig, *, show_progress: bool = True) -> dict:
     # generation), written atomically; the samples are committed first, then the summary.
     with AtomicFile(out / "summary.json") as summary_file, AtomicFile(out / "samples.jsonl") as samples_file:
         model = check_finite(load_model(config.model, device=config.device), config.model)
-        with Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=Console(stderr=True), disable=not show_progress, transient=False) as bar:
-            task_id = bar.add_task("eval", total=len(problems) * config.n)
-            summary, samples = evaluate(model, problems, config, progress=lambda n: bar.advance(task_id, n))
+        with ProgressReporter("eval", len(problems) * config.n, unit="sample", progress=progress) as bar:
+            summary, samples = evaluate(model, problems, config, progress=lambda n: bar.update(advance=n))
+            bar.update(accuracy=summary["accuracy"])
         write_rows(samples_file, samples)
         summary["samples_file"] = str(samples_file.path)
         summary_file.write(json.dumps(summary, indent=2) + "\n")

@@ -18,6 +18,7 @@ from tracerl.files import write_json
 from tracerl.devices import check_device
 from tracerl.objectives import NORMALISATIONS
 from tracerl.plugins import load_plugins
+from tracerl.progress import ProgressReporter
 from tracerl.rl.algorithms import Algorithm, make_algorithm
 from tracerl.rl.config import RLConfig
 from tracerl.rl.loop import check_value_use, rl_step, setup_models
@@ -76,16 +77,13 @@ def check_rl_world(config: RLConfig, world: distributed.World) -> None:
                           "outside the policy's shards); use a separate value backbone")
 
 
-def run_rl(config: RLConfig, *, progress: bool = True) -> dict:
+def run_rl(config: RLConfig, *, progress: bool | str = True) -> dict:
     """The RL run: one process, or one rank of a torchrun launch (train/distributed.py)."""
     with distributed.ranks(config.distributed, config.device) as world:
         return _run_rl(config, world, progress=progress)
 
 
-def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool | str) -> dict:
     from tracerl.models import load_model
 
     algorithm = check_rl_config(config)
@@ -117,10 +115,10 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool) -> di
 
     last_eval = run.metrics.last_logged("eval_") or None  # resumed at the last step: the figures stay
     try:
-        with Progress(TextColumn("rl"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=Console(stderr=True),
-                      disable=not (progress and world.is_main)) as bar:
-            task = bar.add_task("rl", total=config.max_steps, completed=run.step, info="")
+        with ProgressReporter("rl", config.max_steps, unit="step", completed=run.step,
+                              progress=progress if world.is_main else "off") as bar:
+            if last_eval:
+                bar.update(eval_acc=last_eval["accuracy"])
             while run.step < config.max_steps:
                 row = rl_step(config, algorithm, run, problems, prompts)
                 run.advance()
@@ -130,7 +128,8 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool) -> di
                 run.log(row)
                 if run.should_save():
                     run.save({})
-                bar.update(task, completed=run.step, info=f"reward {row['reward_mean']:.3f}")
+                bar.update(run.step, reward=row["reward_mean"],
+                           **({"eval_acc": last_eval["accuracy"]} if last_eval else {}))
     finally:
         run.close()
     summary = {"output_dir": config.output_dir, "steps": run.step, "method": config.policy.method,

@@ -7,15 +7,17 @@ from pathlib import Path
 from tracerl.data.jsonl import BadLine, DataError, check_field, iter_jsonl, write_rows
 from tracerl.data.tasks import TaskConfig, problem_from_row, validate_code_row, validate_math_row
 from tracerl.files import AtomicFile
+from tracerl.progress import ProgressReporter
 from tracerl.rewards import score_batch
 
 # Where the gold answer is, when --answer-field is not given: the upstream JSONL field, then the
 # field of tracerl's own eval samples (tracerl eval --samples).
 ANSWER_FIELDS = ("ground_truth_answer", "answer")
+SCORE_CHUNK = 64  # rows per scoring call: the progress line's granularity (code runs stay parallel within one)
 
 
 def score_file(task: str, input_path: str | Path, output_path: str | Path, *, skip_bad_rows: bool = False,
-               workers: int = 2, answer_field: str | None = None) -> dict:
+               workers: int = 2, answer_field: str | None = None, progress: bool | str = False) -> dict:
     """Write every input row, in order, with ``reward``, ``correct`` and ``extracted_answer`` (math)
     or ``verdicts`` (code) added.  A malformed row stops the run with file, line and field named;
     with ``skip_bad_rows`` it is written back unscored with an ``error`` field instead (a line that
@@ -25,7 +27,7 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
     The output is written atomically and opened first: a destination that cannot be written fails
     before any scoring, and a failed write (a full disk) leaves no partial file."""
     with AtomicFile(output_path) as output:
-        out_rows, errors = _score_rows(task, input_path, skip_bad_rows, workers, answer_field)
+        out_rows, errors = _score_rows(task, input_path, skip_bad_rows, workers, answer_field, progress)
         write_rows(output, out_rows)
     scored = [row for row, error in zip(out_rows, errors) if error is None]
     rewards = [row["reward"] for row in scored]
@@ -40,7 +42,7 @@ def score_file(task: str, input_path: str | Path, output_path: str | Path, *, sk
 
 
 def _score_rows(task: str, input_path, skip_bad_rows: bool, workers: int,
-                answer_field: str) -> tuple[list[dict], list[str | None]]:
+                answer_field: str, progress: bool | str) -> tuple[list[dict], list[str | None]]:
     """(every row with its scores, per row the reason it was skipped or None)."""
     rows, problems, responses, errors = [], [], [], []
     for line_no, row in iter_jsonl(input_path):
@@ -73,7 +75,13 @@ def _score_rows(task: str, input_path, skip_bad_rows: bool, workers: int,
         problems.append(problem_from_row({"question": "", **row}, task, f"line {line_no}", config))
         responses.append(row["response"])
 
-    scores = iter(score_batch(problems, responses, workers=workers)) if problems else iter(())
+    done: list = []
+    with ProgressReporter("score", len(problems), unit="row", progress=progress) as bar:
+        for start in range(0, len(problems), SCORE_CHUNK):
+            done += score_batch(problems[start:start + SCORE_CHUNK], responses[start:start + SCORE_CHUNK],
+                                workers=workers)
+            bar.update(len(done), accuracy=sum(bool(sc.correct) for sc in done) / len(done))
+    scores = iter(done)
     out_rows = []
     for row, error in zip(rows, errors):
         if error is not None:

@@ -17,6 +17,7 @@ from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig, periodic_eval
 from tracerl.files import write_json
 from tracerl.generation.seeds import check_seed_value
+from tracerl.progress import ProgressReporter
 from tracerl.train import distributed, lora
 from tracerl.train.distributed import DistributedConfig
 from tracerl.train.loop import LoopConfig, TrainingRun, step_generator
@@ -55,16 +56,13 @@ class SFTConfig:
         self.seed = check_seed_value(self.seed, "seed")  # torch and the data order take [0, 2**64)
 
 
-def run_sft(config: SFTConfig, *, progress: bool = True) -> dict:
+def run_sft(config: SFTConfig, *, progress: bool | str = True) -> dict:
     """The SFT run: one process, or one rank of a torchrun launch (train/distributed.py)."""
     with distributed.ranks(config.distributed, config.device) as world:
         return _run_sft(config, world, progress=progress)
 
 
-def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool | str) -> dict:
     from tracerl.models import load_model
 
     if config.eval.stop_at is not None and not config.eval.every:
@@ -104,10 +102,10 @@ def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> 
         # keeps the eval figures.
         last_eval = run.metrics.last_logged("eval_") or None
         stopped = bool(last_eval) and config.eval.stop_at is not None and last_eval["accuracy"] >= config.eval.stop_at
-        with Progress(TextColumn("sft"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=Console(stderr=True),
-                      disable=not (progress and world.is_main)) as bar:
-            task = bar.add_task("sft", total=config.max_steps, completed=run.step, info="")
+        with ProgressReporter("sft", config.max_steps, unit="step", completed=run.step,
+                              progress=progress if world.is_main else "off") as bar:
+            if last_eval:
+                bar.update(val_acc=last_eval["accuracy"])
             while run.step < config.max_steps and not stopped:
                 t0 = time.perf_counter()
                 model.train()
@@ -128,7 +126,8 @@ def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool) -> 
                 run.log(row)
                 if run.should_save() or stopped:
                     run.save({"sampler": sampler.state_dict()})
-                bar.update(task, completed=run.step, info=f"loss {loss:.3f}")
+                bar.update(run.step, tokens=out["tokens"], loss=loss,
+                           **({"val_acc": last_eval["accuracy"]} if last_eval else {}))
                 if stopped:
                     break
     finally:
