@@ -154,9 +154,17 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from tracerl.report.trace_page import write_trace_html
 
     model, gen = _generate_one(args, return_logprobs=True)
-    path = write_trace_html(args.html, model.tokenizer, [gen], title=args.prompt[:80])
+    outcome = None
+    if args.answer is not None:  # the math verifier's verdict, shown on the page with both answers
+        from tracerl.rewards.math import score_math
+
+        result = score_math(gen.text, args.answer)
+        outcome = {"gold": args.answer, "answer": result.extracted_answer, "correct": result.correct}
+    path = write_trace_html(args.html, model.tokenizer, [gen], title=args.prompt[:80],
+                            outcomes=[outcome] if outcome else None)
     if args.json:
-        _emit_json({"html": str(path), "tokens": len(gen.response_ids), "nfe": gen.nfe})
+        _emit_json({"html": str(path), "tokens": len(gen.response_ids), "nfe": gen.nfe,
+                    **({"correct": outcome["correct"]} if outcome else {})})
     else:
         print(path)
     return 0
@@ -470,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--html", required=True, help="output HTML file")
+    p.add_argument("--answer", default=None, help="the gold answer: the page marks the response (math verifier) "
+                   "correct or incorrect and shows both answers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_trace)
 

@@ -2,15 +2,17 @@
 
 tiny-block preset -> block SFT on an embedded reasoning-gym task -> held-out evaluation ->
 TraceRL with the diffusion value model -> held-out evaluation, then plots, a trace-viewer page of
-solved held-out problems and ``summary.json``.  The recipe (task, sizes, learning rates) lives in
+held-out problems (solved and not) and ``summary.json``.  The recipe (task, sizes, learning rates) lives in
 ``tracerl/recipes/quickstart.yaml``; every key can be overridden (``rl.max_steps=50``).
 
 Output folder layout::
 
     DIR/sft/        SFT run (checkpoints/, metrics.jsonl, config.json, summary.json)
     DIR/rl/         RL run (checkpoints/ incl. value-model folders, metrics.jsonl, ...)
-    DIR/plots/      reward.png, heldout_accuracy.png, response_length.png, nfe_per_token.png
-    DIR/traces.html solved held-out problems, replayable step by step
+    DIR/plots/      sft.png (loss, validation accuracy), reward.png, heldout_accuracy.png (95 % intervals),
+                    kl.png, clip_fraction.png, value_loss.png, and nfe_per_token.png / response_length.png
+                    unless constant (static decoding: 1 NFE per token, fixed length)
+    DIR/traces.html held-out problems (solved and not) decoded dynamically, replayable step by step
     DIR/summary.json
 """
 
@@ -23,7 +25,9 @@ from pathlib import Path
 from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig, periodic_eval
 from tracerl.files import write_json
+from tracerl.generation import SamplingConfig
 from tracerl.generation.seeds import check_seed_value
+from tracerl.progress import ProgressReporter
 from tracerl.recipes.rl import check_rl_config, run_rl
 from tracerl.recipes.sft import SFTConfig, run_sft
 from tracerl.rl.config import RLConfig
@@ -35,7 +39,9 @@ RECIPE = Path(__file__).parent / "quickstart.yaml"
 class QuickstartConfig:
     output_dir: str = "runs/quickstart"  # sft/, rl/, plots/, traces.html, summary.json
     seed: int = 0  # one seed for SFT, RL and the evaluations
-    traces: int = 4  # solved held-out problems on the trace page
+    traces: int = 4  # held-out problems on the trace page (half solved, half not, where both occur)
+    # How the trace page decodes them: dynamic (several tokens per forward where the model is sure).
+    trace_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(strategy="dynamic"))
     task: dict = field(default_factory=dict)  # YAML anchor holder (the sections below use it)
     heldout: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -69,7 +75,17 @@ def _prepare(config: QuickstartConfig) -> tuple[SFTConfig, RLConfig]:
     return sft, rl
 
 
-def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print) -> dict:
+def _heldout_eval(model, config: QuickstartConfig, progress: bool | str) -> dict:
+    from tracerl.data.tasks import load_problems
+
+    total = len(load_problems(config.heldout.task)) * config.heldout.n
+    with ProgressReporter("held-out", total, unit="sample", progress=progress) as bar:
+        result = periodic_eval(model, config.heldout, config.seed, progress=lambda n: bar.update(advance=n))
+        bar.update(accuracy=result["accuracy"])
+    return result
+
+
+def run_quickstart(config: QuickstartConfig, *, progress: bool | str = True, log=print) -> dict:
     from tracerl.models import load_model
 
     t0 = time.perf_counter()
@@ -86,7 +102,7 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
 
     log(f"[2/4] held-out evaluation of the SFT checkpoint (step {sft_summary['steps']})")
     sft_model = load_model(sft_summary["final_checkpoint"], device=rl_config.device)
-    before = periodic_eval(sft_model, config.heldout, config.seed)
+    before = _heldout_eval(sft_model, config, progress)
     del sft_model
     log(f"      accuracy {before['accuracy']:.3f}, NFE/token {before['nfe_per_token']:.2f}")
 
@@ -97,9 +113,11 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
 
     log("[4/4] held-out evaluation of the RL checkpoint, plots, traces")
     rl_model = load_model(rl_summary["final_checkpoint"], device=rl_config.device)
-    after = periodic_eval(rl_model, config.heldout, config.seed)
-    plots = write_plots(out / "plots", Path(rl_config.output_dir) / "metrics.jsonl", before)
-    traces = write_solved_traces(out / "traces.html", rl_model, config.heldout, config.traces, config.seed)
+    after = _heldout_eval(rl_model, config, progress)
+    plots = write_plots(out / "plots", Path(sft_config.output_dir) / "metrics.jsonl",
+                        Path(rl_config.output_dir) / "metrics.jsonl", before, config.heldout.n, log=log)
+    traces = write_heldout_traces(out / "traces.html", rl_model, config.heldout, config.trace_sampling, config.traces,
+                                  config.seed)
 
     summary = {
         "task": f"{config.heldout.task.source}:{config.heldout.task.name}",
@@ -125,46 +143,49 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True, log=print
     return summary
 
 
-def write_plots(folder: Path, metrics_file: Path, before: dict) -> list[Path]:
-    from tracerl.report.plots import moving_average, plot_series
+def write_plots(folder: Path, sft_metrics: Path, rl_metrics: Path, before: dict, samples_per_problem: int = 1,
+                log=None) -> list[Path]:
+    """The pipeline's plots (tracerl/report/plots.py: run_plots); ``before`` is the SFT checkpoint's
+    held-out evaluation (step 0 of the held-out curve)."""
+    from tracerl.report.plots import run_plots
     from tracerl.train.metrics import read_metrics
 
-    rows = read_metrics(metrics_file)
-    steps = [r["step"] for r in rows]
-    reward = [r["reward_mean"] for r in rows]
-    evals = [(0, before["accuracy"])] + [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-    return [
-        plot_series(folder / "reward.png", {"reward (per step)": (steps, reward),
-                                            "moving mean (10)": (steps, moving_average(reward, 10))},
-                    title="Rollout reward", ylabel="mean reward"),
-        plot_series(folder / "heldout_accuracy.png", {"held-out": ([s for s, _ in evals], [a for _, a in evals])},
-                    title="Held-out accuracy (step 0 = SFT checkpoint)", ylabel="accuracy"),
-        plot_series(folder / "response_length.png", {"tokens": (steps, [r["response_length"] for r in rows])},
-                    title="Response length (rollouts)", ylabel="tokens"),
-        plot_series(folder / "nfe_per_token.png", {"rollouts": (steps, [r["nfe_per_token"] for r in rows])},
-                    title="Forward passes per generated token", ylabel="NFE / token"),
-    ]
+    rl_rows = read_metrics(rl_metrics)
+    heldout = [(0, before["accuracy"], before["problems"] * samples_per_problem)] + [
+        (r["step"], r["eval_accuracy"], r["eval_problems"] * samples_per_problem)
+        for r in rl_rows if "eval_accuracy" in r]
+    written, dropped = run_plots(folder, sft_rows=read_metrics(sft_metrics), rl_rows=rl_rows, heldout=heldout)
+    if dropped and log is not None:
+        log(f"      plots: none of {', '.join(dropped)} (constant over the run, or not measured)")
+    return written
 
 
-def write_solved_traces(path: Path, model, heldout: PeriodicEvalConfig, count: int, seed: int = 0) -> Path | None:
-    """A trace page of up to ``count`` held-out problems the model solves (greedy)."""
+def write_heldout_traces(path: Path, model, heldout: PeriodicEvalConfig, sampling: SamplingConfig, count: int,
+                         seed: int = 0) -> Path | None:
+    """A trace page of ``count`` held-out problems decoded with ``sampling`` (the recipe: dynamic
+    decoding, where one forward commits every token it is confident of): half solved, half not
+    where the model gives both, each with its gold answer, the model's answer and a mark."""
     from tracerl.data.tasks import load_problems
-    from tracerl.generation import SamplingConfig
     from tracerl.report.trace_page import write_trace_html
     from tracerl.rollout import base_seed, prompts_for, rollout
 
     if count <= 0:
         return None
     problems = load_problems(heldout.task)
-    sampling = SamplingConfig(**{**heldout.sampling.to_dict(), "return_logprobs": True})
+    sampling = replace(sampling, return_logprobs=True)
     result = rollout(model, problems, prompts_for(model.tokenizer, problems, heldout.task), sampling,
                      seed_key=(base_seed(sampling, seed),), batch_size=max(1, len(problems)))
-    solved = [x for x in result.samples if x.score.correct][:count]
-    if not solved:
+    solved = [x for x in result.samples if x.score.correct]
+    failed = [x for x in result.samples if not x.score.correct]
+    take_failed = min(len(failed), max(count // 2, count - len(solved)))
+    chosen = solved[:count - take_failed] + failed[:take_failed]
+    if not chosen:
         return None
-    return write_trace_html(path, model.tokenizer, [x.generation for x in solved],
-                            title="tracerl quickstart: solved held-out problems",
-                            labels=[f"{x.problem.question} -> {x.problem.answer}" for x in solved])
+    return write_trace_html(path, model.tokenizer, [x.generation for x in chosen],
+                            title="tracerl quickstart: held-out problems after RL",
+                            labels=[x.problem.question for x in chosen],
+                            outcomes=[{"gold": x.problem.answer, "answer": x.score.extracted_answer,
+                                       "correct": bool(x.score.correct)} for x in chosen])
 
 
 def format_table(summary: dict) -> str:
