@@ -83,6 +83,9 @@ def check_value_use(config: RLConfig, algorithm: Algorithm) -> None:
         raise ConfigError(f"value.enabled: the value model needs rows whose targets are the trace steps (every "
                           f"token a target once per step of its trajectory); policy.method={algorithm.name!r} "
                           f"cannot use it")
+    if config.value.enabled and algorithm.rows_per_epoch:
+        raise ConfigError(f"value.enabled: policy.method={algorithm.name!r} draws new rows for every pass; the value "
+                          f"model needs one set of trace rows")
     if not config.value.enabled and use == "required":
         raise ConfigError(f"value.enabled: policy.method={algorithm.name!r} needs a value model (set value.enabled=true)")
 
@@ -113,6 +116,38 @@ def _gather_rollout(world, result, problems, chosen):
                           result.reward_errors, result.reward_seconds))
     samples = [Sample(i, s, problems[chosen[i]], g, t, sc) for part, _, _ in parts for i, s, g, t, sc in part]
     return samples, [e for _, errors, _ in parts for e in errors], max(sec for _, _, sec in parts)
+
+
+class _EpochRows:
+    """One set of training rows of an RL step and what is aligned with its targets: old and
+    reference log-probs, advantages; and this rank's forward passes over it."""
+
+    def __init__(self, rows, world, num_examples: int, micro: int, rows_per_forward: int) -> None:
+        self.rows, self.world, self.micro, self.max_rows = rows, world, micro, rows_per_forward
+        self.num_examples = num_examples
+        self.index = TargetIndex(rows)
+        self.old_logp = self.ref_logp = self.adv = None
+        # The padding pass of _lockstep (several ranks): the first forward that has targets.
+        self.dummy = next((piece for i in range(num_examples) for piece in self.index.micro_batches([i], 1, rows_per_forward)
+                           if piece[0].num_targets > 0), None) if world.distributed else None
+
+    def passes(self, chunks) -> list:
+        """This rank's forwards over its share of ``chunks`` (lists of examples)."""
+        return [piece for chunk in self.world.share(chunks)
+                for piece in self.index.micro_batches(chunk, self.micro, self.max_rows) if piece[0].num_targets > 0]
+
+    def per_target(self, run: TrainingRun, fn) -> torch.Tensor:
+        """Evaluate ``fn(sub_rows)`` (no grad) over the micro-batches the policy pass uses, aligned.
+        Same precision context as the policy pass, so the first on-policy ratio is exactly 1.
+        Several ranks: each fills its share of the targets, the sum over ranks has them all."""
+        out = torch.zeros(self.rows.num_targets)
+        with torch.no_grad(), run.autocast():
+            for (sub, pos), real in _lockstep(self.world, self.passes(_chunks(range(self.num_examples), self.micro)),
+                                              self.dummy):
+                values = fn(sub)
+                if real:
+                    out[pos] = values.float().cpu()
+        return self.world.sum_tensor(out)
 
 
 def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, prompts) -> dict:
@@ -159,50 +194,34 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
 
     examples = [Example.from_generation(gens[i]) for i in kept]
     example_adv = torch.tensor([float(adv[i]) for i in kept], dtype=torch.float32)
-    rows = algorithm.rows(model, examples, step_generator(seed, step), block_size=sampling.block_size,
-                          pad_id=model.tokenizer.pad_token_id)
-    index = TargetIndex(rows)
     micro = config.loop.micro_batch
-    # The padding pass of _lockstep (several ranks): the first forward that has targets.
-    dummy = next((piece for i in range(len(examples)) for piece in index.micro_batches([i], 1, p.rows_per_forward)
-                  if piece[0].num_targets > 0), None) if world.distributed else None
-
-    def passes(chunks) -> list:
-        """This rank's forwards over its share of ``chunks`` (lists of examples)."""
-        return [piece for chunk in world.share(chunks)
-                for piece in index.micro_batches(chunk, micro, p.rows_per_forward) if piece[0].num_targets > 0]
-
-    def per_target(fn):
-        """Evaluate ``fn(sub_rows)`` (no grad) over the micro-batches the policy pass uses, aligned.
-        Same precision context as the policy pass, so the first on-policy ratio is exactly 1.
-        Several ranks: each fills its share of the targets, the sum over ranks has them all."""
-        out = torch.zeros(rows.num_targets)
-        with torch.no_grad(), run.autocast():
-            for (sub, pos), real in _lockstep(world, passes(_chunks(range(len(examples)), micro)), dummy):
-                values = fn(sub)
-                if real:
-                    out[pos] = values.float().cpu()
-        return world.sum_tensor(out)
-
-    # 2. old log-probs (the rollout policy) and the reference for the KL term
-    old_logp = per_target(lambda sub: target_logprobs(model, sub, policy=True))
-    ref_logp = per_target(lambda sub: target_logprobs(reference, sub, policy=True)) if reference is not None else None
+    generator = step_generator(seed, step)
+    # One set of rows for every pass, or (``algorithm.rows_per_epoch``) fresh rows per pass, all
+    # built and given their old log-probs before the first update (d1's one mask per inner update).
+    epochs = [_EpochRows(algorithm.rows(model, examples, generator, block_size=sampling.block_size,
+                                        pad_id=model.tokenizer.pad_token_id), world, len(examples), micro,
+                         p.rows_per_forward)
+              for _ in range(p.ppo_epochs if algorithm.rows_per_epoch else 1)]
+    for e in epochs:
+        # 2. old log-probs (the rollout policy) and the reference for the KL term
+        e.old_logp = e.per_target(run, lambda sub: target_logprobs(model, sub, policy=True))
+        if reference is not None:
+            e.ref_logp = e.per_target(run, lambda sub: target_logprobs(reference, sub, policy=True))
+        e.adv = example_adv[e.rows.target_example.cpu()]
 
     # 3. advantages per target: the response's, or GAE over trace steps with the value model
     t3 = time.perf_counter()
     if value_model is not None:
-        old_values = per_target(value_model.values)
-        returns, target_adv = gae_targets(rows, old_values, example_adv.tolist(),
-                                          gamma=config.value.gamma, lam=config.value.lam)
-        returns, target_adv = returns.float(), target_adv.float()
+        first = epochs[0]  # check_value_use: one set of trace rows
+        old_values = first.per_target(run, value_model.values)
+        returns, first.adv = gae_targets(first.rows, old_values, example_adv.tolist(),
+                                         gamma=config.value.gamma, lam=config.value.lam)
+        returns, first.adv = returns.float(), first.adv.float()
         var = float(returns.var()) if returns.numel() > 1 else 0.0
         row["explained_variance"] = 1.0 - float((returns - old_values).var()) / var if var > 0 else 0.0
         if step % config.value.train_every == 0:
-            row["value_loss"] = _update_values(config, run, value_model, index, old_values, returns, examples,
-                                               passes, dummy)
+            row["value_loss"] = _update_values(config, run, value_model, first, old_values, returns, examples)
             model.backbone.zero_grad(set_to_none=True)  # shared backbone: value grads must not leak
-    else:
-        target_adv = example_adv[rows.target_example.cpu()]
     t4 = time.perf_counter()
 
     # 4. policy update: ppo_epochs passes over shuffled whole responses
@@ -212,21 +231,22 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     updates, losses = 0, []
     max_len = max(len(e.response_ids) for e in examples)
     for epoch in range(p.ppo_epochs):
+        e = epochs[epoch % len(epochs)]
         order = np.random.default_rng([seed, step, epoch]).permutation(len(examples))
         for start in range(0, len(order), per_update):
             batch = order[start : start + per_update]
-            batch_rows = int(torch.isin(rows.row_example, torch.as_tensor(batch)).sum())
+            batch_rows = int(torch.isin(e.rows.row_example, torch.as_tensor(batch)).sum())
             normaliser = rl_normaliser(p.normalisation, [examples[i] for i in batch], num_rows=batch_rows,
                                        response_length=max_len)
             loss_total, forwards = 0.0, 0
-            for (sub, pos), real in _lockstep(world, passes(_chunks(batch, micro)), dummy):
+            for (sub, pos), real in _lockstep(world, e.passes(_chunks(batch, micro)), e.dummy):
                 with run.autocast():
                     logp = target_logprobs(model, sub, policy=True)
                 dev = logp.device
                 loss, stats = algorithm.loss(
-                    logp, old_logp[pos].to(dev), target_adv[pos].to(dev), normaliser=normaliser,
-                    ref_logprobs=ref_logp[pos].to(dev) if ref_logp is not None else None,
-                    weights=sub.target_weight.to(dev))
+                    logp, e.old_logp[pos].to(dev), e.adv[pos].to(dev), normaliser=normaliser,
+                    ref_logprobs=e.ref_logp[pos].to(dev) if e.ref_logp is not None else None,
+                    weights=sub.target_weight.to(dev), rows=sub)
                 if not real:
                     (loss * 0.0).backward()
                     continue
@@ -251,14 +271,15 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     return row
 
 
-def _update_values(config: RLConfig, run: TrainingRun, value_model, index, old_values, returns, examples,
-                   passes, dummy) -> float:
+def _update_values(config: RLConfig, run: TrainingRun, value_model, e: _EpochRows, old_values, returns,
+                   examples) -> float:
     value_model.train()
     # The policy's normalisation (upstream's value loss is per row / L1, like its policy loss).
-    normaliser = rl_normaliser(config.policy.normalisation, examples, num_rows=int(index.rows.row_example.numel()),
-                               response_length=max(len(e.response_ids) for e in examples))
+    normaliser = rl_normaliser(config.policy.normalisation, examples, num_rows=int(e.rows.row_example.numel()),
+                               response_length=max(len(x.response_ids) for x in examples))
     total = 0.0
-    for (sub, pos), real in _lockstep(run.world, passes(_chunks(range(len(examples)), config.loop.micro_batch)), dummy):
+    for (sub, pos), real in _lockstep(run.world, e.passes(_chunks(range(len(examples)), config.loop.micro_batch)),
+                                      e.dummy):
         with run.autocast():
             values = value_model.values(sub)
         dev = values.device

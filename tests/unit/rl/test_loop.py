@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.support.crash import kill_after_checkpoint
+from tests.support.tiny_models import picks_seven_or_eight
 from safetensors.torch import load_file
 
 from tracerl.config import load_config
@@ -19,7 +20,6 @@ from tracerl.rl import RLConfig
 from tracerl.recipes.rl import check_rl_config
 from tracerl.train import checkpoint as ckpt
 from tracerl.train.metrics import read_metrics
-from tracerl.recipes.sft import SFTConfig, run_sft
 
 TASK = ["task.source=gym", "task.name=basic_arithmetic", "task.size=64", "task.template=raw", "task.chat=false",
         'task.params={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 1, operators: ["+"], '
@@ -65,24 +65,10 @@ def test_short_rl_run_writes_metrics_and_checkpoint(tmp_path, method, value):
         assert (tmp_path / "checkpoints" / "value-00000002" / "value_head.safetensors").is_file()
 
 
-def _picks_seven_or_eight(root):
-    """A tiny-full checkpoint briefly SFT'd to answer "Pick i:" with 7 (even i) or 8 (odd i): it
-    answers right about as often as wrong, so every group has rewards to learn from (a random
-    model scores 0 everywhere, its advantages are all 0 and nothing would train)."""
-    data = root / "pick.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Pick {i}:", "ground_truth_answer": str(7 + i % 2)}) + "\n"
-                            for i in range(8)))
-    task = ["task.source=jsonl", f"task.name={data}", "task.template=raw", "task.chat=false", "task.size=0"]
-    sft = run_sft(load_config(SFTConfig, None, [f"data.{t}" for t in task] + [
-        f"output_dir={root / 'sft'}", "model=tiny-full", "max_steps=15", 'data.response_format=" {answer}"',
-        "loop.micro_batch=8", "optim.lr=3e-3", "optim.warmup_steps=0"]), progress=False)
-    return sft["final_checkpoint"], task
-
-
 def test_rows_per_forward_cap_changes_only_how_rows_are_batched(tmp_path):
     """A full-attention trace has one training row per decoding step; capping rows per forward
     (for memory) must leave losses, value model and weights as they are without the cap."""
-    start, task = _picks_seven_or_eight(tmp_path)
+    start, task = picks_seven_or_eight(tmp_path)
     runs = {}
     for cap in (0, 3):
         out = tmp_path / f"cap{cap}"

@@ -32,6 +32,10 @@ class Algorithm:
     # gives every target the GAE advantage over its response's trace steps, which needs rows whose
     # targets are the trace steps (every response token a target once per decoding step).
     value_model: ClassVar[str] = "unsupported"
+    # True: ``rows`` is called once per ``policy.ppo_epochs`` pass (with the same generator, so each
+    # call draws new masks) and pass e trains on the e-th rows; every set gets its old log-probs
+    # before the first update (d1: a new random prompt mask for each inner update).
+    rows_per_epoch: ClassVar[bool] = False
 
     def __init__(self, options: Any, policy) -> None:
         self.options = options  # an instance of ``Options``
@@ -53,8 +57,12 @@ class Algorithm:
         return group_advantages(rewards, group_ids, filter_equal=self.policy.filter_equal,
                                 accuracy_band=tuple(band) if band else None, correct=correct)
 
-    def loss(self, logprobs, old_logprobs, advantages, *, normaliser: float, ref_logprobs, weights):
-        """(loss of a micro-batch's targets, stats) (default: PPO-clip + beta * k3, objectives/rl.py)."""
+    def loss(self, logprobs, old_logprobs, advantages, *, normaliser: float, ref_logprobs, weights, rows: Rows):
+        """(loss of a micro-batch's targets, stats) (default: PPO-clip + beta * k3, objectives/rl.py).
+
+        All per-target tensors are aligned with ``rows``' targets (the micro-batch's rows: its
+        ``target_example`` / ``target_row`` group targets per response or per row).  A micro-batch
+        holds whole responses unless ``policy.rows_per_forward`` splits one."""
         p = self.policy
         return policy_loss(logprobs, old_logprobs, advantages, normaliser=normaliser, eps=p.eps,
                            logratio_clamp=p.logratio_clamp, beta=p.beta, ref_logprobs=ref_logprobs,
