@@ -269,9 +269,13 @@ _SHOWN_SKIPS = 20  # skipped rows listed on stderr (the summary and the output h
 
 def cmd_score(args: argparse.Namespace) -> int:
     from tracerl.recipes.score import score_file
+    from tracerl.rewards import RewardConfig, Rewards
 
+    rewards = Rewards(RewardConfig(functions=args.reward, weights=args.reward_weights, correct_at=args.correct_at),
+                      key="--reward")
     summary = score_file(args.task, args.input, args.output, skip_bad_rows=args.skip_bad_rows,
-                         workers=args.workers, answer_field=args.answer_field, progress=_progress_mode(args))
+                         workers=args.workers, answer_field=args.answer_field, progress=_progress_mode(args),
+                         rewards=rewards)
     skipped = summary["skipped_rows"]
     for reason in skipped[:_SHOWN_SKIPS]:
         print(f"tracerl score: skipped {reason}", file=sys.stderr)
@@ -506,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-rows", action="store_true",
                    help="keep going past malformed rows (they are written back with an 'error' field)")
     p.add_argument("--workers", type=int, default=2, help="code: programs run in parallel")
+    p.add_argument("--reward", nargs="+", default=["task"], metavar="FUNC",
+                   help="reward functions: task (the task's verifier), path/to/file.py:name or module:name")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, metavar="W", help="one per --reward")
+    p.add_argument("--correct-at", type=float, default=1.0,
+                   help="without 'task' among --reward: a row is correct when its reward >= this")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_score)

@@ -1,6 +1,7 @@
-"""User plug-ins: modules imported before a run so that they can register RL algorithms (and,
-later, rewards) without editing the library.  An entry is a module name (``my_pkg.my_algo``,
-importable from the current environment) or a path to a ``.py`` file."""
+"""User plug-ins: modules imported before a run so that they can register RL algorithms, and
+named objects (reward functions) loaded from them, without editing the library.  An entry is a
+module name (``my_pkg.my_algo``, importable from the current environment) or a path to a ``.py``
+file; an object is ``entry:name``."""
 
 from __future__ import annotations
 
@@ -40,3 +41,16 @@ def load_plugins(entries: Iterable[str], key: str = "plugins") -> list[str]:
                 raise ConfigError(f"{key}: cannot import {entry!r}: {type(e).__name__}: {e}") from None
         names.append(name)
     return names
+
+
+def load_object(spec: str, key: str):
+    """The object ``name`` of ``path/to/file.py:name`` or ``module:name`` (the module imported as by
+    ``load_plugins``); a missing file, module or name is a ConfigError naming ``key``."""
+    entry, sep, name = spec.rpartition(":")
+    if not sep or not entry or not name.isidentifier():
+        raise ConfigError(f"{key}: {spec!r} is not 'path/to/file.py:name' or 'module:name'")
+    module = sys.modules[load_plugins([entry], key)[0]]
+    if not hasattr(module, name):
+        public = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
+        raise ConfigError(f"{key}: {entry} has no {name!r}" + (f"; it has {', '.join(public)}" if public else ""))
+    return getattr(module, name)

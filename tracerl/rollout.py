@@ -34,7 +34,7 @@ from tracerl.engine import Engine, engine_serves
 from tracerl.errors import ConfigError
 from tracerl.data.templates import problem_prompt_ids
 from tracerl.generation import Generation, GenerationStats, SamplingConfig, derive_seed, generate
-from tracerl.rewards import Score, score_batch
+from tracerl.rewards import Rewards, Score
 
 
 @dataclass
@@ -110,6 +110,7 @@ def rollout(
     fail_on_reward_error: bool = True,
     progress: Callable[[int], None] | None = None,
     first_index: int = 0,
+    rewards: Rewards | None = None,
 ) -> RolloutResult:
     """``samples_per_problem`` responses per problem, scored; see the module docstring for seeds.
 
@@ -119,7 +120,8 @@ def rollout(
     ``fail_on_reward_error``; otherwise that sample scores 0 and is reported in
     ``reward_errors``.  ``first_index``: the index of ``problems[0]`` among the problems of the
     whole step (a rank's share of them): seeds and ``problem_index`` count from it, so a sample
-    does not depend on how the step is split over ranks."""
+    does not depend on how the step is split over ranks.  ``rewards``: the reward functions
+    (rewards/functions.py; default: the task's own verifier)."""
     if len(prompts) != len(problems):
         raise ValueError(f"{len(problems)} problems but {len(prompts)} prompts")
     jobs = [(i, s) for i in range(len(problems)) for s in range(samples_per_problem)]
@@ -127,6 +129,7 @@ def rollout(
     samples: list[Sample] = []
     errors: list[str] = []
     reward_seconds = 0.0
+    rewards = rewards or Rewards()
     generations = generate_requests(model, [prompts[i] for i, _ in jobs], sampling,
                                     [derive_seed(*seed_key, first_index + i, s) for i, s in jobs],
                                     engine=engine, batch_size=batch_size, stats=stats, progress=progress)
@@ -136,8 +139,8 @@ def rollout(
         # Rewards read the text without special tokens (eos, im_end, padding).
         texts = [model.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
         t0 = time.perf_counter()
-        scores, chunk_errors = safe_scores([problems[i] for i, _ in chunk], texts, reward_workers,
-                                           fail_on_reward_error)
+        scores, chunk_errors = safe_scores(rewards, [problems[i] for i, _ in chunk], texts,
+                                           [g.response_ids for g in gens], reward_workers, fail_on_reward_error)
         reward_seconds += time.perf_counter() - t0
         errors += chunk_errors
         samples += [Sample(first_index + i, s, problems[i], g, t, sc)
@@ -145,20 +148,20 @@ def rollout(
     return RolloutResult(samples, errors, stats, reward_seconds)
 
 
-def safe_scores(problems: Sequence[Problem], texts: Sequence[str], workers: int,
-                fail: bool) -> tuple[list[Score], list[str]]:
-    """Score; with ``fail`` False a reward function that raises gives 0 for that sample and a
-    report naming it (problem id, exception, start of the response)."""
+def safe_scores(rewards: Rewards, problems: Sequence[Problem], texts: Sequence[str], ids: Sequence[Sequence[int]],
+                workers: int, fail: bool) -> tuple[list[Score], list[str]]:
+    """Score; with ``fail`` False a reward function that raises (or returns no valid reward) gives
+    0 for that sample and a report naming it (problem id, exception, start of the response)."""
     if fail:
-        return score_batch(list(problems), list(texts), workers=workers), []
+        return rewards.score(problems, texts, ids, workers=workers), []
     try:
-        return score_batch(list(problems), list(texts), workers=workers), []
+        return rewards.score(problems, texts, ids, workers=workers), []
     except Exception:
         pass  # find the sample(s) that raised
     scores, errors = [], []
-    for p, t in zip(problems, texts):
+    for p, t, i in zip(problems, texts, ids):
         try:
-            scores.append(score_batch([p], [t], workers=1)[0])
+            scores.append(rewards.score([p], [t], [i], workers=1)[0])
         except Exception as e:
             errors.append(f"problem {p.id}: {type(e).__name__}: {e} (response {t[:80]!r})")
             scores.append(Score(0.0, False, None, {"error": traceback.format_exc(limit=2)}))

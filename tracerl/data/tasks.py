@@ -43,7 +43,7 @@ class Problem:
     tests: dict | None = None  # code tests in the upstream schema (or HumanEval's fields)
     prefix: str = ""  # starter code the model continues (function-style code tasks)
     code_style: str = "function"  # "function" | "stdio"
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # "row": its data row's fields (jsonl, datasets); "gym": generator, seed, index
 
 
 @dataclass
@@ -219,12 +219,12 @@ def validate_code_row(row: dict, where: str, question_field: str | None = "quest
 def problem_from_row(row: dict, kind: str, pid: str, config: TaskConfig) -> Problem:
     if kind == "math":
         return Problem(id=pid, question=row[config.question_field], kind="math",
-                       answer=str(row[config.answer_field]))
+                       answer=str(row[config.answer_field]), meta={"row": row})
     tests = {k: row[k] for k in ("test_method", "test_list", "test_input", "test_output", "test_time_limit")
              if k in row}
     tests.setdefault("test_method", "function")
     return Problem(id=pid, question=row[config.question_field], kind="code", tests=tests,
-                   prefix=row.get("prefix", "") or "", code_style=tests["test_method"])
+                   prefix=row.get("prefix", "") or "", code_style=tests["test_method"], meta={"row": row})
 
 
 def _jsonl_problems(config: TaskConfig) -> list[Problem]:

@@ -11,6 +11,7 @@ from tracerl.data.tasks import Problem, TaskConfig
 from tracerl.errors import ConfigError
 from tracerl.generation import SamplingConfig
 from tracerl.generation.seeds import check_seed_value
+from tracerl.rewards import RewardConfig, Rewards
 from tracerl.rollout import base_seed, check_engine, prompts_for, rollout
 
 
@@ -18,6 +19,7 @@ from tracerl.rollout import base_seed, check_engine, prompts_for, rollout
 class EvalConfig:
     model: str = "tiny-block"  # preset name or checkpoint folder
     task: TaskConfig = field(default_factory=TaskConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)  # reward functions and weights (rewards/functions.py)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     n: int = 1  # samples per problem
     k: list[int] = field(default_factory=lambda: [1])  # pass@k values to report (k <= n)
@@ -54,7 +56,7 @@ def evaluate(model, problems: list[Problem], config: EvalConfig, *, progress=Non
     result = rollout(model, problems, prompts_for(model.tokenizer, problems, config.task), sampling,
                      seed_key=(base_seed(sampling, config.seed),), samples_per_problem=config.n,
                      batch_size=config.batch_size, engine=config.engine, reward_workers=config.code_workers,
-                     progress=progress)
+                     progress=progress, rewards=Rewards(config.reward))
     wall = time.perf_counter() - t0
     samples = []
     for x in result.samples:
@@ -65,6 +67,7 @@ def evaluate(model, problems: list[Problem], config: EvalConfig, *, progress=Non
             "step_map": g.step_map, "nfe": g.nfe, "finish_reason": g.finish_reason,
             "reward": sc.reward, "correct": sc.correct, "extracted_answer": sc.extracted_answer,
             **({"details": sc.details} if sc.details else {}),
+            **({"token_rewards": sc.token_rewards} if sc.token_rewards is not None else {}),
         })
 
     by_problem: dict[str, list[bool]] = {}

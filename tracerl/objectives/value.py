@@ -215,11 +215,13 @@ def gae_over_steps(
     *,
     gamma: float = 1.0,
     lam: float = 1.0,
+    token_rewards: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level returns and advantages of one response (module docstring, §4.2).
 
     ``rewards``: a scalar outcome reward (placed on the tokens of the last step) or one reward
-    per token.  ``values``: ``V_j`` per token (the old value model).  ``steps``: each token's
+    per token.  ``token_rewards``: a per-token (process) reward added to a scalar ``rewards``
+    (both at once: the outcome on the last step, the process reward where it was given).  ``values``: ``V_j`` per token (the old value model).  ``steps``: each token's
     shrunk step id, global across blocks (any order of tokens; ties = tokens decoded together).
     Returns ``(returns, advantages)``, each ``(n,)`` in ``values``' float dtype.  Computed in
     float64; vectorised over tokens, one scalar loop over the distinct steps.
@@ -241,6 +243,11 @@ def gae_over_steps(
             torch.as_tensor(rewards, dtype=torch.float64)).to("cpu", torch.float64)
     if r_in.dim() == 0:
         r = torch.where(k == num_steps - 1, r_in, torch.zeros((), dtype=torch.float64))
+        if token_rewards is not None:
+            extra = torch.as_tensor(token_rewards, dtype=torch.float64).reshape(-1)
+            if extra.numel() != n:
+                raise ValueError(f"token rewards ({extra.numel()}) and values ({n}) differ in length")
+            r = r + extra
     else:
         r = r_in.reshape(-1)
         if r.numel() != n:
@@ -272,12 +279,14 @@ def gae_targets(
     *,
     gamma: float = 1.0,
     lam: float = 1.0,
+    token_rewards: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``gae_over_steps`` for every response of trace rows, aligned with ``rows``' targets.
 
     ``values``: one per target (``ValueModel.values(rows)`` of the old value model).
     ``rewards``: per example (indexed by ``target_example``): a scalar outcome reward each, or a
-    sequence of per-token reward vectors.  Needs rows where every response token is a target
+    sequence of per-token reward vectors.  ``token_rewards``: per example, None or a per-token
+    (process) reward vector added to its scalar outcome reward.  Needs rows where every response token is a target
     exactly once (trace rows of whole responses, ``rl_rows('tracerl', ...)``).
     Returns ``(returns, advantages)`` per target.
     """
@@ -301,7 +310,8 @@ def gae_targets(
                 "(trace rows of whole responses)"
             )
         reward = rewards[e]
-        ret, adv = gae_over_steps(reward, values[sel], steps[sel], gamma=gamma, lam=lam)
+        ret, adv = gae_over_steps(reward, values[sel], steps[sel], gamma=gamma, lam=lam,
+                                  token_rewards=token_rewards[e] if token_rewards is not None else None)
         returns[sel] = ret.to(returns)
         advantages[sel] = adv.to(returns)
     return returns, advantages

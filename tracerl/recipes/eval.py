@@ -10,12 +10,14 @@ from tracerl.data.tasks import load_problems
 from tracerl.eval import EvalConfig, evaluate
 from tracerl.files import AtomicFile
 from tracerl.progress import ProgressReporter
+from tracerl.rewards import Rewards
 
 
 def run_eval(config: EvalConfig, *, progress: bool | str = True) -> dict:
     from tracerl.models import check_finite, load_model
 
     problems = load_problems(config.task)  # a bad task fails before any weights load
+    Rewards(config.reward)  # so does a bad reward function
     out = Path(config.output_dir)
     # Opened before any work (an output folder that cannot be written fails now, not after the
     # generation), written atomically; the samples are committed first, then the summary.

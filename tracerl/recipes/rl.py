@@ -19,6 +19,7 @@ from tracerl.devices import check_device
 from tracerl.objectives import NORMALISATIONS
 from tracerl.plugins import load_plugins
 from tracerl.progress import ProgressReporter
+from tracerl.rewards import Rewards
 from tracerl.rl.algorithms import Algorithm, make_algorithm
 from tracerl.rl.config import RLConfig
 from tracerl.rl.loop import check_value_use, rl_step, setup_models
@@ -32,6 +33,7 @@ def check_rl_config(config: RLConfig, model=None) -> Algorithm:
     With ``model``, also the checks that need its attention kind."""
     load_plugins(config.plugins)
     algorithm = make_algorithm(config.policy)
+    Rewards(config.reward)  # a missing file or function, a wrong signature: now, before any work
     p = config.policy
     if p.normalisation not in NORMALISATIONS:
         raise ConfigError(f"policy.normalisation: {p.normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
@@ -87,6 +89,7 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool | str)
     from tracerl.models import load_model
 
     algorithm = check_rl_config(config)
+    rewards = Rewards(config.reward)
     check_rl_world(config, world)
     device = distributed.rank_device(config.device, world)
     problems = load_problems(config.task)
@@ -120,7 +123,7 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool | str)
             if last_eval:
                 bar.update(eval_acc=last_eval["accuracy"])
             while run.step < config.max_steps:
-                row = rl_step(config, algorithm, run, problems, prompts)
+                row = rl_step(config, algorithm, run, problems, prompts, rewards)
                 run.advance()
                 if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
                     last_eval = run.evaluate(lambda m: periodic_eval(m, config.eval, config.seed))

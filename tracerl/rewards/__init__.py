@@ -5,6 +5,8 @@
   code  program extracted from the response, run against the tests in a sandboxed process;
         reward = fraction of tests passed (rewards/code.py, tracerl/sandbox/)
   gym   the reasoning-gym generator's own verifier on the extracted answer
+
+User reward functions (plug-ins) and their weighted combination with these: rewards/functions.py.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class Score:
     correct: bool
     extracted_answer: str | None = None
     details: dict | None = None
+    token_rewards: list[float] | None = None  # a process reward: one per response token (rewards/functions.py)
 
 
 def _score_math(problem: Problem, response: str) -> Score:
@@ -69,3 +72,6 @@ def score_batch(problems: list[Problem], responses: list[str], *, workers: int =
             out[i] = Score(res.reward, res.all_passed, None,
                            {"verdicts": [v.status for v in res.verdicts], "all_passed": res.all_passed})
     return out
+
+
+from tracerl.rewards.functions import RewardConfig, Rewards  # noqa: E402  (needs Score, score_batch)

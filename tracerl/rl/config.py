@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tracerl.data.tasks import TaskConfig
+from tracerl.errors import ConfigError
 from tracerl.eval import PeriodicEvalConfig
 from tracerl.generation import SamplingConfig
 from tracerl.generation.seeds import check_seed_value
+from tracerl.rewards import RewardConfig
 from tracerl.rollout import check_engine
 from tracerl.train.distributed import DistributedConfig
 from tracerl.train.loop import LoopConfig
@@ -27,6 +29,9 @@ class RolloutConfig:
         check_engine(self.engine, "rollout.engine")
 
 
+TRUNCATED = ("keep", "wrong", "mask")
+
+
 @dataclass
 class PolicyConfig:
     method: str = "tracerl"  # the RL algorithm (registry name): tracerl, random_masking, coupled, or a plugin's
@@ -40,6 +45,13 @@ class PolicyConfig:
     filter_equal: bool = True  # drop groups whose rewards are all equal (they carry no signal)
     accuracy_band: list[float] | None = None  # e.g. [0.2, 0.8]: keep groups with accuracy inside
     rows_per_forward: int = 0  # cap on training rows per forward, for memory (0 = a micro-batch's rows)
+    truncated: str = "keep"  # responses cut at max_new_tokens without a stop: keep (scored as they are) | wrong | mask
+    truncated_reward: float = 0.0  # truncated=wrong: the reward they get (and they count as incorrect)
+
+    def __post_init__(self) -> None:
+        if self.truncated not in TRUNCATED:
+            raise ConfigError(f"policy.truncated: {self.truncated!r}; valid: {', '.join(TRUNCATED)} (wrong: reward "
+                              f"policy.truncated_reward and incorrect; mask: left out of the loss, DAPO's overlong filter)")
 
 
 @dataclass
@@ -64,6 +76,7 @@ class RLConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N, mps
     plugins: list[str] = field(default_factory=list)  # modules or .py files to import first (they register algorithms)
     task: TaskConfig = field(default_factory=lambda: TaskConfig(split="train", size=256))
+    reward: RewardConfig = field(default_factory=RewardConfig)  # reward functions and weights (rewards/functions.py)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     value: ValueConfig = field(default_factory=ValueConfig)

@@ -11,7 +11,9 @@ weights: nothing is written to disk between rollout and training.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -19,7 +21,9 @@ import torch
 # Relative imports: this module names no RL method, not even the package's own name (a grep for
 # method names over it must come back empty).
 from ..errors import ConfigError
-from ..objectives import Example, ValueModel, gae_targets, rl_normaliser, target_logprobs, value_loss
+from ..objectives import (Example, ValueModel, gae_targets, group_advantages, rl_normaliser, target_logprobs,
+                          value_loss)
+from ..rewards import Rewards
 from ..rollout import Sample, base_seed, rollout
 from ..train.loop import TrainingRun, step_generator
 from ..train.optim import OptimConfig
@@ -150,7 +154,8 @@ class _EpochRows:
         return self.world.sum_tensor(out)
 
 
-def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, prompts) -> dict:
+def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, prompts,
+            rewards: Rewards | None = None) -> dict:
     """Roll out, score and train for step ``run.step``; returns the step's metrics row.
 
     Several ranks: every rank draws the same problems; rank r rolls out the r-th share of whole
@@ -173,19 +178,30 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
                      seed_key=(base_seed(sampling, seed), step), samples_per_problem=config.rollout.group_size,
                      batch_size=config.rollout.batch_size, engine=config.rollout.engine,
                      reward_workers=config.loop.micro_batch,
-                     fail_on_reward_error=config.fail_on_reward_error, first_index=world.rank * share)
+                     fail_on_reward_error=config.fail_on_reward_error, first_index=world.rank * share,
+                     rewards=rewards)
     samples, reward_errors, reward_seconds = _gather_rollout(world, result, problems, chosen)
     gens = [x.generation for x in samples]
     t2 = time.perf_counter()
     t1 = t2 - reward_seconds  # rollout = generation; reward = scoring (inside the rollout)
-    rewards = np.array([x.score.reward for x in samples], dtype=np.float64)
-    correct = np.array([x.score.correct for x in samples], dtype=bool)
-    adv, keep = algorithm.advantages(rewards, [x.problem_index for x in samples], correct)
+    scores = [x.score for x in samples]
+    truncated = np.array([g.finish_reason == "length" for g in gens], dtype=bool)
+    if p.truncated == "wrong":  # no stop within max_new_tokens: the given reward, incorrect, no process reward
+        scores = [replace(sc, reward=p.truncated_reward, correct=False, token_rewards=None) if cut else sc
+                  for sc, cut in zip(scores, truncated)]
+    reward = np.array([sc.reward for sc in scores], dtype=np.float64)
+    correct = np.array([sc.correct for sc in scores], dtype=bool)
+    group_ids = [x.problem_index for x in samples]
+    adv, keep = algorithm.advantages(reward, group_ids, correct)
+    if p.truncated == "mask":  # in their group's statistics, out of the loss
+        keep = keep & torch.from_numpy(~truncated)
     kept = [i for i in range(len(gens)) if bool(keep[i])]
     tokens = sum(len(g.response_ids) for g in gens)
-    row = {"reward_mean": float(rewards.mean()), "accuracy": float(correct.mean()),
+    row = {"reward_mean": float(reward.mean()), "accuracy": float(correct.mean()),
            "response_length": tokens / len(gens), "nfe_per_token": sum(g.nfe for g in gens) / max(1, tokens),
-           "kept_fraction": len(kept) / len(gens), "reward_errors": len(reward_errors)}
+           "kept_fraction": len(kept) / len(gens), "truncated_fraction": float(truncated.mean()),
+           "reward_errors": len(reward_errors)}
+    row.update(_reward_parts(scores))
     if reward_errors:
         row["reward_error_examples"] = reward_errors[:3]
     if not kept:  # every group filtered out: nothing to learn from this step
@@ -214,10 +230,12 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     if value_model is not None:
         first = epochs[0]  # check_value_use: one set of trace rows
         old_values = first.per_target(run, value_model.values)
-        returns, first.adv = gae_targets(first.rows, old_values, example_adv.tolist(),
+        outcome, process = _gae_rewards([scores[i] for i in kept], [group_ids[i] for i in kept], example_adv)
+        returns, first.adv = gae_targets(first.rows, old_values, outcome, token_rewards=process,
                                          gamma=config.value.gamma, lam=config.value.lam)
         returns, first.adv = returns.float(), first.adv.float()
         var = float(returns.var()) if returns.numel() > 1 else 0.0
+        row["return_mean"] = float(returns.mean())
         row["explained_variance"] = 1.0 - float((returns - old_values).var()) / var if var > 0 else 0.0
         if step % config.value.train_every == 0:
             row["value_loss"] = _update_values(config, run, value_model, first, old_values, returns, examples)
@@ -269,6 +287,29 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
                 "optimizer_updates": len(losses), "time_rollout": t1 - t0, "time_reward": t2 - t1,
                 "time_value": t4 - t3, "time_policy": t5 - t4})
     return row
+
+
+def _reward_parts(scores) -> dict:
+    """``reward/<function>``: each reward function's mean (unweighted) value, as TRL logs them;
+    only when the rewards are combined from several functions or a user's."""
+    parts = [sc.details["rewards"] for sc in scores if sc.details and "rewards" in sc.details]
+    if not parts:
+        return {}
+    names = dict.fromkeys(name for part in parts for name in part)
+    return {f"reward/{name}": float(np.mean([part[name] for part in parts if name in part])) for name in names}
+
+
+def _gae_rewards(scores, group_ids, example_adv: torch.Tensor) -> tuple[list[float], list | None]:
+    """The value model's rewards of the kept responses: (outcome per response, per-token process
+    rewards or None).  Without a process reward, the outcome is the response's group-normalised
+    advantage (as before).  With one, the process vector goes in raw (upstream's vector-reward
+    mode), and the outcome is the group z-score of the rest of the reward (the scalar functions'
+    part; 0 when every function is a process reward), so nothing is counted twice."""
+    if all(sc.token_rewards is None for sc in scores):
+        return example_adv.tolist(), None
+    scalar = [sc.reward - (math.fsum(sc.token_rewards) if sc.token_rewards is not None else 0.0) for sc in scores]
+    outcome, _ = group_advantages(scalar, group_ids, filter_equal=False)
+    return outcome.tolist(), [sc.token_rewards for sc in scores]
 
 
 def _update_values(config: RLConfig, run: TrainingRun, value_model, e: _EpochRows, old_values, returns,

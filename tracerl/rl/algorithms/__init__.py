@@ -55,6 +55,6 @@ def make_algorithm(policy) -> Algorithm:
     return cls(options, policy)
 
 
-from tracerl.rl.algorithms import trace, random_masking, coupled  # noqa: E402,F401,I001  (built-ins register, in this order)
+from tracerl.rl.algorithms import trace, random_masking, coupled, d1, wd1, spg  # noqa: E402,F401,I001  (built-ins register, in this order)
 
 __all__ = ["Algorithm", "NoOptions", "algorithm_class", "algorithm_names", "make_algorithm", "register_algorithm"]
