@@ -10,6 +10,7 @@ from tracerl.data.tasks import TaskConfig, load_problems
 from tracerl.generation import SamplingConfig, derive_seed, generate
 from tracerl.models import load_model
 from tracerl.rl import RLConfig
+from tracerl.rewards import Rewards
 from tracerl.rollout import base_seed, prompts_for, rollout, safe_scores
 
 TASK = TaskConfig(source="gym", name="basic_arithmetic", size=6, template="raw", chat=False,
@@ -51,7 +52,7 @@ def test_scores_follow_their_responses_and_texts_drop_special_tokens(setup):
     assert [x.problem.id for x in result.samples] == [p.id for p in problems]
     for x in result.samples:
         assert x.text == model.tokenizer.decode(x.generation.response_ids, skip_special_tokens=True)
-        assert x.score == safe_scores([x.problem], [x.text], 1, True)[0][0]
+        assert x.score == safe_scores(Rewards(), [x.problem], [x.text], [x.generation.response_ids], 1, True)[0][0]
 
 
 def test_base_seed_zero_is_a_seed():
@@ -72,11 +73,11 @@ def test_a_reward_that_raises_scores_zero_and_names_the_sample():
     broken = Problem(id="gone/0", question="Calculate 1 + 1.", kind="gym", answer="2",
                      meta={"gym": {"name": "no_such_task", "params": "{}", "seed": 0, "size": 1, "index": 0}})
     texts = [f" {good[0].answer}", " 2", " wrong"]
-    scores, errors = safe_scores([good[0], broken, good[1]], texts, workers=1, fail=False)
+    scores, errors = safe_scores(Rewards(), [good[0], broken, good[1]], texts, [[], [], []], workers=1, fail=False)
     assert [s.correct for s in scores] == [True, False, False] and scores[1].reward == 0.0
     assert len(errors) == 1 and "gone/0" in errors[0] and "' 2'" in errors[0] and "no_such_task" in errors[0]
     with pytest.raises(ConfigError, match="no_such_task"):
-        safe_scores([good[0], broken], texts[:2], workers=1, fail=True)
+        safe_scores(Rewards(), [good[0], broken], texts[:2], [[], []], workers=1, fail=True)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -107,7 +107,7 @@ tokens in a box.</p>
     meta.className = "meta";
     const perForward = g.tokens.length / Math.max(1, g.nfe);
     meta.textContent = `${g.tokens.length} tokens in ${g.nfe} forwards (${perForward.toFixed(2)} per forward, ` +
-      `up to ${g.max_parallel} at once), block ${g.block_size}, ${g.family}` + (g.label ? ` - ${g.label}` : "");
+      `up to ${g.max_parallel} at once), block size ${g.block_size}, ${g.family} family` + (g.label ? ` · ${g.label}` : "");
     box.appendChild(meta);
     if (g.outcome) {
       const o = document.createElement("div");
