@@ -25,7 +25,6 @@ seed, not "unset".
 from __future__ import annotations
 
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -152,17 +151,5 @@ def safe_scores(rewards: Rewards, problems: Sequence[Problem], texts: Sequence[s
                 workers: int, fail: bool) -> tuple[list[Score], list[str]]:
     """Score; with ``fail`` False a reward function that raises (or returns no valid reward) gives
     0 for that sample and a report naming it (problem id, exception, start of the response)."""
-    if fail:
-        return rewards.score(problems, texts, ids, workers=workers), []
-    try:
-        return rewards.score(problems, texts, ids, workers=workers), []
-    except Exception:
-        pass  # find the sample(s) that raised
-    scores, errors = [], []
-    for p, t, i in zip(problems, texts, ids):
-        try:
-            scores.append(rewards.score([p], [t], [i], workers=1)[0])
-        except Exception as e:
-            errors.append(f"problem {p.id}: {type(e).__name__}: {e} (response {t[:80]!r})")
-            scores.append(Score(0.0, False, None, {"error": traceback.format_exc(limit=2)}))
-    return scores, errors
+    errors: list[str] | None = None if fail else []
+    return rewards.score(problems, texts, ids, workers=workers, errors=errors), errors or []

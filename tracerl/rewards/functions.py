@@ -4,7 +4,8 @@
       functions: [task, my_rewards.py:brevity]   # "task" = the task's own verifier (math, code, gym)
       weights: [1.0, 0.1]                        # TRL's reward_weights; default 1 each
 
-A user function is ``path/to/file.py:name`` or ``module:name``.  It is called once per response
+``judge`` is an LLM judge behind any OpenAI-compatible endpoint (rewards/judge.py, configured in
+``reward.judge``).  A user function is ``path/to/file.py:name`` or ``module:name``.  It is called once per response
 with keywords::
 
     def brevity(problem, response, response_ids) -> float | list[float]: ...
@@ -33,6 +34,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,16 +42,19 @@ from tracerl.data.tasks import Problem
 from tracerl.errors import ConfigError
 from tracerl.plugins import load_object
 from tracerl.rewards import Score, score_batch
+from tracerl.rewards.judge import Judge, JudgeConfig
 
 TASK = "task"  # the task's own verifier (rewards/__init__.py: math, code, gym)
+JUDGE = "judge"  # an LLM judge behind an OpenAI-compatible endpoint (rewards/judge.py, reward.judge)
 ARGUMENTS = ("problem", "response", "response_ids")
 
 
 @dataclass
 class RewardConfig:
-    functions: list[str] = field(default_factory=lambda: [TASK])  # "task" (the task's verifier), "file.py:name" or "module:name"
+    functions: list[str] = field(default_factory=lambda: [TASK])  # "task" (the task's verifier), "judge" (reward.judge), "file.py:name" or "module:name"
     weights: list[float] | None = None  # one per function (TRL's reward_weights); null = 1 each
     correct_at: float = 1.0  # without "task" among the functions: a response is correct when its reward >= this
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # the "judge" function's endpoint, rubric and parsing
 
     def __post_init__(self) -> None:
         if not self.functions:
@@ -105,7 +110,9 @@ class Rewards:
         self.functions: list[RewardFunction] = []
         for i, (name, weight) in enumerate(zip(config.functions, weights)):
             fn = None
-            if name != TASK:
+            if name == JUDGE:
+                fn = Judge(config.judge)
+            elif name != TASK:
                 fn = load_object(name, f"{key}[{i}]")
                 _check_signature(fn, f"{key}[{i}] ({name})")
             self.functions.append(RewardFunction(name, float(weight), fn, name.rpartition(":")[2]))
@@ -120,24 +127,77 @@ class Rewards:
         return self.config.is_default
 
     def score(self, problems: Sequence[Problem], texts: Sequence[str], response_ids: Sequence[Sequence[int]], *,
-              workers: int = 2) -> list[Score]:
-        """Score every response (raises on the first failing sample: callers that want a 0 and a
-        report per failing sample score one at a time, see ``rollout.safe_scores``)."""
+              workers: int = 2, errors: list[str] | None = None) -> list[Score]:
+        """One ``Score`` per response.  ``errors=None``: the first sample whose reward fails (a
+        function raises or returns no valid reward) raises; a list: that sample scores 0 and a line
+        naming it (problem id, exception, start of the response) is appended, the others keep
+        their scores."""
         if not len(problems) == len(texts) == len(response_ids):
             raise ValueError(f"{len(problems)} problems, {len(texts)} texts, {len(response_ids)} id lists")
-        task = score_batch(list(problems), list(texts), workers=workers) if self.uses_task else None
-        if self.is_default:
-            return task
-        return [self._combine(i, p, t, list(ids), task[i] if task else None)
-                for i, (p, t, ids) in enumerate(zip(problems, texts, response_ids))]
-
-    def _combine(self, i: int, problem: Problem, text: str, ids: list[int], task: Score | None) -> Score:
-        total, tokens, parts = 0.0, None, {}
+        n = len(problems)
+        failed: list[BaseException | None] = [None] * n
+        task = self._task_scores(problems, texts, workers, failed, errors is not None) if self.uses_task else None
+        values: dict[str, list] = {}
         for f in self.functions:
             if f.fn is None:
-                value = task.reward
+                continue
+            if hasattr(f.fn, "score_many"):  # batched (the LLM judge: concurrent requests)
+                raw = f.fn.score_many(list(problems), list(texts), [list(x) for x in response_ids])
             else:
-                value = _checked(f.fn(problem=problem, response=text, response_ids=ids), f.name, problem, len(ids))
+                raw = []
+                for p, t, ids in zip(problems, texts, response_ids):
+                    try:
+                        raw.append(f.fn(problem=p, response=t, response_ids=list(ids)))
+                    except Exception as e:  # noqa: BLE001 (a user's function: any error is that sample's)
+                        raw.append(e)
+            checked = []
+            for i, value in enumerate(raw):
+                try:
+                    if isinstance(value, BaseException):
+                        raise value
+                    checked.append(_checked(value, f.name, problems[i], len(response_ids[i])))
+                except Exception as e:  # noqa: BLE001
+                    if errors is None:
+                        raise
+                    failed[i] = failed[i] or e
+                    checked.append(None)
+            values[f.name] = checked
+        out = []
+        for i in range(n):
+            if failed[i] is not None:
+                e = failed[i]
+                errors.append(f"problem {problems[i].id}: {type(e).__name__}: {e} (response {texts[i][:80]!r})")
+                trace = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=2))
+                out.append(Score(0.0, False, None, {"error": trace}))
+            elif self.is_default:
+                out.append(task[i])
+            else:
+                out.append(self._combine(problems[i], task[i] if task else None,
+                                         {name: v[i] for name, v in values.items()}))
+        return out
+
+    @staticmethod
+    def _task_scores(problems, texts, workers: int, failed: list, isolate: bool) -> list[Score | None]:
+        """The task verifier's scores; with ``isolate`` a batch that raises is scored one by one
+        and the samples that raise are marked in ``failed``."""
+        try:
+            return score_batch(list(problems), list(texts), workers=workers)
+        except Exception:
+            if not isolate:
+                raise
+        out: list[Score | None] = []
+        for i, (p, t) in enumerate(zip(problems, texts)):
+            try:
+                out.append(score_batch([p], [t], workers=1)[0])
+            except Exception as e:  # noqa: BLE001
+                failed[i] = e
+                out.append(None)
+        return out
+
+    def _combine(self, problem: Problem, task: Score | None, values: dict) -> Score:
+        total, tokens, parts = 0.0, None, {}
+        for f in self.functions:
+            value = task.reward if f.fn is None else values[f.name]
             if isinstance(value, list):
                 weighted = [f.weight * v for v in value]
                 tokens = weighted if tokens is None else [a + b for a, b in zip(tokens, weighted)]
