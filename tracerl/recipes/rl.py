@@ -22,6 +22,7 @@ from tracerl.progress import ProgressReporter
 from tracerl.rewards import Rewards
 from tracerl.rl.algorithms import Algorithm, make_algorithm
 from tracerl.rl.config import RLConfig
+from tracerl.rl.curriculum import check_curriculum, config_at, stage_at
 from tracerl.rl.loop import check_value_use, rl_step, setup_models
 from tracerl.rollout import prompts_for
 from tracerl.train import distributed
@@ -53,6 +54,7 @@ def check_rl_config(config: RLConfig, model=None) -> Algorithm:
                           "an RL run trains for max_steps")
     if config.task.split != "train" and config.task.source == "gym":
         raise ConfigError("task.split: RL trains on the train split (held-out problems are for eval)")
+    check_curriculum(config.curriculum, config.task.source)
     check_device(config.device)
     if model is not None:
         check_rl_model(config, algorithm, model)
@@ -93,6 +95,9 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool | str)
     check_rl_world(config, world)
     device = distributed.rank_device(config.device, world)
     problems = load_problems(config.task)
+    for i, stage in enumerate(config.curriculum):  # every stage's task, now rather than at its first step
+        if len(load_problems(config_at(config, stage.start).task)) < config.rollout.num_prompts:
+            raise ConfigError(f"curriculum[{i}]: its task has fewer problems than rollout.num_prompts")
     if config.eval.every:
         load_problems(config.eval.task)  # a bad held-out task fails now, not at the first eval
     if len(problems) < config.rollout.num_prompts:
@@ -122,8 +127,17 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool | str)
                               progress=progress if world.is_main else "off") as bar:
             if last_eval:
                 bar.update(eval_acc=last_eval["accuracy"])
+            stage = None
             while run.step < config.max_steps:
-                row = rl_step(config, algorithm, run, problems, prompts, rewards)
+                if config.curriculum and stage_at(config.curriculum, run.step + 1) != stage:
+                    stage = stage_at(config.curriculum, run.step + 1)
+                    step_config = config_at(config, run.step + 1)
+                    problems = load_problems(step_config.task)
+                    prompts = prompts_for(model.tokenizer, problems, step_config.task)
+                row = rl_step(step_config if config.curriculum else config, algorithm, run, problems, prompts,
+                              rewards)
+                if config.curriculum:
+                    row.update(curriculum_stage=stage, max_new_tokens=step_config.rollout.sampling.max_new_tokens)
                 run.advance()
                 if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
                     last_eval = run.evaluate(lambda m: periodic_eval(m, config.eval, config.seed))

@@ -11,6 +11,7 @@ from tracerl.eval import PeriodicEvalConfig
 from tracerl.generation import SamplingConfig
 from tracerl.generation.seeds import check_seed_value
 from tracerl.rewards import RewardConfig
+from tracerl.rl.curriculum import CurriculumStage
 from tracerl.rollout import check_engine
 from tracerl.train.distributed import DistributedConfig
 from tracerl.train.loop import LoopConfig
@@ -83,6 +84,7 @@ class RLConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     loop: LoopConfig = field(default_factory=LoopConfig)  # micro_batch = responses per micro-batch
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
+    curriculum: list[CurriculumStage] = field(default_factory=list)  # stages by step: task difficulty, response cap (rl/curriculum.py)
     fail_on_reward_error: bool = False  # a reward function that raises: 0 reward, reported (or stop)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)  # several ranks (torchrun)
 
