@@ -65,8 +65,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from tracerl import masks
 from tracerl.errors import ConfigError
-from tracerl.objectives.examples import as_examples
+from tracerl.objectives.examples import Example, as_examples
 from tracerl.objectives.loss import check_normaliser
 from tracerl.objectives.rows import (
     Rows,
@@ -77,6 +78,7 @@ from tracerl.objectives.rows import (
     default_pad_id,
     model_spec,
     response_blocks,
+    single_row,
     two_copy_row,
 )
 from tracerl.objectives.sft import random_masking_rows
@@ -159,6 +161,53 @@ def rl_rows(
     return replace(rows, target_weight=torch.full_like(rows.target_weight, 1.0 / mask_samples))
 
 
+def one_step_rows(spec, examples, generator: torch.Generator, *, prompt_mask: float = 0.15,
+                  block_size: int | None = None, pad_id: int | None = None,
+                  weights: Sequence[float] | None = None) -> Rows:
+    """d1's one-step log-likelihood estimate (arXiv 2504.12216 §3.1; d1, wd1 and others use it).
+
+    One row per response: every response token ``[M]`` and a target (weight ``weights[i]``, default 1), each prompt
+    token ``[M]`` with probability ``prompt_mask`` (one float64 uniform per prompt token from
+    ``generator``, example after example), the sampler's post-stop tail kept as masked
+    non-target positions (block family: those of the last response block, the rest reach no
+    target).  Block family: a two-copy row (noisy copy all ``[M]``; a masked prompt
+    token is masked in both copies); full / shifted: a single-copy row with the model's
+    attention.  Targets keep ``target_example`` = the example's index."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator: pass a torch.Generator (prompt masks must be reproducible)")
+    spec = model_spec(spec)
+    b = check_block_size(block_size, spec)
+    exs = as_examples(examples)
+    two_copy = spec.family == "block"
+    if two_copy and spec.logit_shift:
+        raise ConfigError("two-copy rows need unshifted logits")
+    parts = []
+    for i, ex in enumerate(exs):
+        p, n = len(ex.prompt_ids), len(ex.response_ids)
+        if n == 0:
+            continue
+        hidden_prompt = _uniform(generator, p) < prompt_mask
+        tail = ex.tail_ids
+        if two_copy:  # tail positions past the last response block reach no target: left out
+            tail = tail[: (p + n + b - 1) // b * b - (p + n)]
+        canvas = Example(ex.prompt_ids, ex.response_ids + tail)
+        m = len(canvas.response_ids)
+        masked, target = np.ones(m, dtype=bool), np.arange(m) < n
+        weight = 1.0 if weights is None else float(weights[i])
+        if two_copy:
+            part = two_copy_row(canvas, i, b, spec.mask_token_id, masked, target, 0, weight)
+            source = masks.two_copy_layout(p, m, b)[2].numpy()
+        else:
+            part = single_row(canvas, i, spec.logit_shift, spec.mask_token_id, masked, target, 0, weight,
+                              where=f"example {i}")
+            source = np.arange(p + m)
+        in_prompt = source < p
+        cols = np.flatnonzero(in_prompt)
+        part.ids[cols[hidden_prompt[source[cols]]]] = spec.mask_token_id
+        parts.append(part)
+    return collate(parts, "two_copy" if two_copy else spec.attention, b, len(exs), default_pad_id(spec, pad_id))
+
+
 # -- advantages -------------------------------------------------------------------------------
 
 
@@ -175,12 +224,14 @@ def group_advantages(
     filter_equal: bool = True,
     accuracy_band: tuple[float, float] | None = None,
     correct: Sequence[bool] | np.ndarray | torch.Tensor | None = None,
+    scale: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group-normalised advantages (GRPO style, reference notes §1.3) and a keep mask.
 
     ``A_i = (r_i − mean_g) / std_g`` over the responses of i's group g, with the population
     std (divide by the group size); ``A_i = 0`` when the group's rewards are all equal (checked
-    exactly, not by a float std that rounding can make tiny but non-zero).
+    exactly, not by a float std that rounding can make tiny but non-zero).  ``scale=False``:
+    ``A_i = r_i − mean_g`` (Dr. GRPO, d1's Eq. (2): no division by the std).
 
     ``keep[i]`` is False when i's group is dropped: with ``filter_equal``, groups whose rewards
     are all equal (they carry no signal); with ``accuracy_band = (lo, hi)``, groups whose
@@ -214,7 +265,7 @@ def group_advantages(
     np.minimum.at(gmin, inv, r)
     equal = gmax == gmin
     safe_std = np.where(equal, 1.0, std)
-    adv = np.where(equal[inv], 0.0, (r - mean[inv]) / safe_std[inv])
+    adv = np.where(equal[inv], 0.0, (r - mean[inv]) / (safe_std[inv] if scale else 1.0))
 
     keep_group = np.ones(k, dtype=bool)
     if filter_equal:

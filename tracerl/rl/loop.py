@@ -213,7 +213,7 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     micro = config.loop.micro_batch
     generator = step_generator(seed, step)
     # One set of rows for every pass, or (``algorithm.rows_per_epoch``) fresh rows per pass, all
-    # built and given their old log-probs before the first update (d1's one mask per inner update).
+    # built and given their old log-probs before the first update (a new random mask per inner update).
     epochs = [_EpochRows(algorithm.rows(model, examples, generator, block_size=sampling.block_size,
                                         pad_id=model.tokenizer.pad_token_id), world, len(examples), micro,
                          p.rows_per_forward)

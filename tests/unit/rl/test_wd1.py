@@ -11,7 +11,7 @@ from tests.support.tiny_models import picks_seven_or_eight
 from tracerl.config import load_config
 from tracerl.errors import ConfigError
 from tracerl.models import load_model
-from tracerl.objectives import Example
+from tracerl.objectives import Example, target_logprobs
 from tracerl.recipes.rl import run_rl
 from tracerl.rl import RLConfig, make_algorithm
 from tracerl.train.metrics import read_metrics
@@ -156,17 +156,51 @@ def test_single_copy_rows_mask_the_whole_canvas_and_read_targets_at_the_family_c
     assert none.input_ids[0, :6].tolist() == PROMPT
 
 
+@pytest.mark.parametrize("name", ["tiny-block", "tiny-full", "tiny-shifted"])
+def test_one_step_on_the_loss_raises_the_positive_response_and_lowers_the_negative_one(name):
+    """Through the real forward of each family: the one-step log-likelihood of the response with
+    weight +1 goes up, that of the response with weight -1 goes down."""
+    model = load_model(name)
+    algorithm = _wd1("policy.options.wd1.prompt_mask=0")
+    examples = [Example([65, 66, 67], [70, 71, 72, 73, 74]), Example([65, 66, 67], [75, 76, 77, 78, 79])]
+    rows = algorithm.rows(model, examples, torch.Generator().manual_seed(0), block_size=None, pad_id=None)
+    c = torch.tensor([1.0, -1.0])[rows.target_example]
+
+    def per_response():
+        with torch.no_grad():
+            logp = target_logprobs(model, rows, policy=True)
+        return torch.zeros(2).index_add_(0, rows.target_example, logp.float())
+
+    before = per_response()
+    logp = target_logprobs(model, rows, policy=True)
+    loss, _ = algorithm.loss(logp, logp.detach(), c, normaliser=10.0, ref_logprobs=None,
+                             weights=rows.target_weight, rows=rows)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.02 * p.grad
+    after = per_response()
+    assert after[0] > before[0] and after[1] < before[1], (before, after)
+
+
 # -- c. a short run raises the reward --------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_a_short_wd1_run_raises_the_training_reward(tmp_path):
+    """From the pick-7-or-8 start (right ~5% of the time at temperature 1): 12 steps of 8 prompts x 8
+    responses, two inner updates each (fresh prompt masks), lr 1e-3 (seeds 0 and 1 tried: the mean
+    reward of the last three steps is 0.13-0.14 above that of the first three)."""
     start, task = picks_seven_or_eight(tmp_path)
     out = tmp_path / "wd1"
     run_rl(load_config(RLConfig, None, task + [
-        f"output_dir={out}", f"model={start}", "policy.method=wd1", "max_steps=8", "rollout.num_prompts=8",
-        "rollout.group_size=4", "rollout.sampling.max_new_tokens=4", "rollout.sampling.temperature=1.0",
-        "loop.micro_batch=32", "policy.ppo_epochs=2", "optim.lr=2e-3", "eval.every=0"]), progress=False)
-    rewards = [r["reward_mean"] for r in read_metrics(out / "metrics.jsonl")]
-    assert len(rewards) == 8
-    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.2, rewards
+        f"output_dir={out}", f"model={start}", "policy.method=wd1", "max_steps=12", "rollout.num_prompts=8",
+        "rollout.group_size=8", "rollout.sampling.max_new_tokens=2", "rollout.sampling.temperature=1.0",
+        "loop.micro_batch=64", "policy.ppo_epochs=2", "optim.lr=1e-3", "eval.every=0"]), progress=False)
+    rows = read_metrics(out / "metrics.jsonl")
+    rewards = [r["reward_mean"] for r in rows]
+    assert len(rewards) == 12
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    # The second pass runs on moved weights: its k3 against the rollout policy is reported, no ratio or clipping.
+    assert any(r["kl"] > 0 for r in rows) and not any("clip_fraction" in r or "ratio_mean" in r for r in rows)

@@ -55,7 +55,13 @@ class Algorithm:
         group z-score, dropping groups per ``policy.filter_equal`` / ``policy.accuracy_band``)."""
         band = self.policy.accuracy_band
         return group_advantages(rewards, group_ids, filter_equal=self.policy.filter_equal,
-                                accuracy_band=tuple(band) if band else None, correct=correct)
+                                accuracy_band=tuple(band) if band else None, correct=correct,
+                                scale=self.scale_advantages)
+
+    @property
+    def scale_advantages(self) -> bool:
+        """Divide group-centred rewards by the group's std (GRPO); False: r - mean (Dr. GRPO)."""
+        return True
 
     def loss(self, logprobs, old_logprobs, advantages, *, normaliser: float, ref_logprobs, weights, rows: Rows):
         """(loss of a micro-batch's targets, stats) (default: PPO-clip + beta * k3, objectives/rl.py).

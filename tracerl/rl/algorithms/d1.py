@@ -18,12 +18,14 @@ its equation numbers:
 * Objective, Eq. (4) (Eq. (3) is the GRPO objective it adapts): with
   ``ρ_i^k = φ_θ(o_i^k|q') / φ_θold(o_i^k|q')``,
 
-      L = E[ 1/G Σ_i 1/|o_i| Σ_k min(ρ_i^k A_i, clip(ρ_i^k, 1−ε, 1+ε) A_i) − β KL(φ_θ(·|q') ‖ φ_ref(·|q')) ]
+      L = E[ 1/G Σ_i 1/|o_i| Σ_k min(ρ_i^k A_i, clip(ρ_i^k, 1−ε, 1+ε) A_i)
+             − β KL(φ_θ(·|q') ‖ φ_ref(·|q')) ]
 
   where the public trainer (diffu_grpo_trainer.py, compute_loss) writes the KL per token with the
-  k3 estimator ``exp(ref − logp) − (ref − logp) − 1``, and π_ref is the start model (Section 2:
-  "typically the initial model"; the trainer reads it from the same network with its LoRA adapter
-  disabled).
+  k3 estimator ``exp(ref − logp) − (ref − logp) − 1``, and π_ref is the start model (the GRPO
+  preliminaries: "typically the initial model"; the trainer reads it from the same network with its
+  LoRA adapter disabled).  The loss is the base class's per-target PPO-clip + β k3
+  (objectives/rl.py ``policy_loss``), so ``policy.rows_per_forward`` may split responses.
 
 * Inner updates, Algorithm 1: μ gradient updates per rollout batch, each with a **new** random
   prompt mask ``q'``; the paper's point is that these perturbed views regularise the updates, so μ
@@ -32,20 +34,25 @@ its equation numbers:
 
 Defaults, and where they come from (paper text, and the public code at commit 837888f: the config
 class ``diffu-grpo/diffu_grpo_config.py``, which the shipped recipe ``slurm_scripts/train.yaml`` and
-``run.sh`` / ``*.sbatch`` override):
+``run.sh`` / ``slurm_scripts/*.sbatch`` override), each with our key:
 
-| d1 name | value used | where | ours |
-|---|---|---|---|
-| ``p_mask_prompt`` | 0.15 (class default 0.3) | train.yaml | ``policy.options.d1.p_mask_prompt`` = 0.15 |
-| ``num_iterations`` μ | 12 (class default 1) | run.sh, every .sbatch | ``policy.ppo_epochs`` (shared knob, default 1: **set it to 12**) |
-| ``epsilon`` ε | 0.5 (class default 0.2) | train.yaml | ``policy.eps`` (default 0.2: set 0.5) |
-| ``beta`` β | 0.04 | class default and train.yaml | ``policy.beta`` (default 0: set 0.04) |
-| reference | start model (adapter off) | trainer | ``policy.kl_reference=initial`` |
-| advantage | r − mean, Eq. (2) | paper, trainer | ``std_normalise`` = False |
-| ``random_masking`` | True: a new mask seed per inner update | class default, train.yaml | ``fresh_masks`` = True |
-| learning rate | 3e-6, constant with warmup (ratio 1e-4), AdamW β=(0.9, 0.99), weight decay 0.1, grad clip 0.2 | train.yaml | ``optim.*`` |
-| group size | 6 (``num_generations``), 6 per device x 2 accumulation x 8 GPUs | train.yaml | ``rollout.group_size`` |
-| generation | 256 new tokens, block 32, 128 steps (2 tokens a step), low-confidence remasking, temperature 0.9 (class default; the recipe does not set it), no CFG, prompts cut to 200 tokens | train.yaml, config class | ``rollout.sampling.*`` |
+* ``p_mask_prompt`` 0.15 (train.yaml; the class default is 0.3): ``policy.options.d1.p_mask_prompt``,
+  default 0.15.
+* ``num_iterations`` μ = 12 (run.sh and every .sbatch; class default 1): our shared
+  ``policy.ppo_epochs``, whose default is 1, so **users set policy.ppo_epochs=12** for d1's μ.
+* ``epsilon`` ε = 0.5 (train.yaml; class default 0.2): ``policy.eps`` (default 0.2).
+* ``beta`` β = 0.04 (class default and train.yaml): ``policy.beta`` (default 0).
+* reference = the start model (trainer: adapter disabled): ``policy.kl_reference=initial``.
+* advantage = r − mean, Eq. (2) (paper and trainer): ``std_normalise`` = false.
+* ``random_masking`` = true, a new mask seed per inner update (class default, train.yaml):
+  ``fresh_masks`` = true.
+* optimiser (train.yaml): learning rate 3e-6, constant with warm-up (ratio 1e-4), AdamW betas
+  (0.9, 0.99), weight decay 0.1, gradient clipping 0.2, bf16, LoRA r = 128 / alpha 64 on a 4-bit base.
+* batch (train.yaml): 6 completions per prompt (``num_generations``), 6 per device x 2 accumulation
+  steps x 8 GPUs.
+* generation (train.yaml and the config class): 256 new tokens, block length 32, 128 denoising steps
+  (2 tokens a step), low-confidence remasking, temperature 0.9 (class default; the recipe does not
+  set it), no classifier-free guidance, prompts cut to their last 200 tokens.
 
 So a d1 reproduction sets ``policy.method=d1 policy.ppo_epochs=12 policy.eps=0.5 policy.beta=0.04
 policy.kl_reference=initial optim.lr=3e-6 policy.filter_equal=false`` (d1 keeps zero-advantage
@@ -88,6 +95,10 @@ Rows, per model family (one row per kept response, rebuilt for every ``ppo_epoch
   first step of that block); positions past the last response block cannot reach any target and
   are dropped.
 
+With ``p_mask_prompt = 0`` every token the sampler decoded in its first forward (block family: the
+first forward of its block) gets exactly the log-prob the sampler recorded (tests/unit/rl/test_d1.py);
+the other tokens get the mean-field estimate.
+
 Prompt masking needs ``[M]`` in prompt positions, which no other row builder writes: the rows are
 built with the shared ``single_row`` / ``two_copy_row`` and the chosen prompt columns then get
 ``mask_token_id``.  In the two-copy layout a prompt position can occur twice (the prompt segment,
@@ -103,8 +114,9 @@ Where we differ from the public code, and why:
   with segment PAD, never attended.
 * One distinct prompt mask per pass.  d1 picks the mask seed by ``_step % num_iterations`` with
   ``_step`` counting micro-batches, so with gradient accumulation 2 each micro-batch cycles through
-  only half of its μ seeds, each twice; ``fresh_masks=false`` reproduces d1's fixed-seed mode as one
-  mask per RL step shared by its passes (d1: seed 42 for every step).
+  only half of its μ seeds, each twice.  ``fresh_masks=false`` stands for d1's fixed-seed mode
+  (``random_masking: false``) as one mask per RL step shared by its passes (d1: seed 42, so the
+  same pattern for every step).
 * ``policy.logratio_clamp`` caps ``|logp − old|`` at 10 before ``exp`` (d1: no cap); ``k3`` is
   clamped the same way (objectives/rl.py).
 * The policy log-probs exclude the tokens the sampler cannot emit (``target_logprobs(policy=True)``),
@@ -118,18 +130,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tracerl import masks
 from tracerl.errors import ConfigError
-from tracerl.objectives.examples import Example, as_examples
-from tracerl.objectives.rows import (
-    RowParts,
-    check_block_size,
-    collate,
-    default_pad_id,
-    model_spec,
-    single_row,
-    two_copy_row,
-)
+from tracerl.objectives import one_step_rows
 from tracerl.rl.algorithms import register_algorithm
 from tracerl.rl.algorithms.base import Algorithm
 
@@ -149,27 +151,6 @@ class D1Options:
         self.p_mask_prompt = float(p)
 
 
-def _uniform(generator: torch.Generator, n: int) -> np.ndarray:
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).cpu().numpy()
-
-
-def _centred(rewards, group_ids) -> torch.Tensor:
-    """``r_i − mean`` of i's group (Eq. (2)); exactly 0 in a group whose rewards are all equal."""
-    r = np.asarray(rewards.detach().cpu().numpy() if isinstance(rewards, torch.Tensor) else rewards,
-                   dtype=np.float64).reshape(-1)
-    g = np.asarray(group_ids.detach().cpu().numpy() if isinstance(group_ids, torch.Tensor) else group_ids)
-    _, inv = np.unique(g.reshape(-1), return_inverse=True)
-    inv = inv.reshape(-1)
-    k = int(inv.max()) + 1 if inv.size else 0
-    size = np.bincount(inv, minlength=k).astype(np.float64)
-    mean = np.bincount(inv, weights=r, minlength=k) / np.maximum(size, 1.0)
-    hi, lo = np.full(k, -np.inf), np.full(k, np.inf)
-    np.maximum.at(hi, inv, r)
-    np.minimum.at(lo, inv, r)
-    adv = np.where((hi == lo)[inv], 0.0, r - mean[inv])
-    return torch.from_numpy(adv.astype(np.float32))
-
-
 @register_algorithm
 class D1(Algorithm):
     """diffu-GRPO: one forward per response with the completion fully masked and the prompt
@@ -179,43 +160,17 @@ class D1(Algorithm):
     Options = D1Options
     rows_per_epoch = True
 
-    def advantages(self, rewards, group_ids, correct):
-        z, keep = super().advantages(rewards, group_ids, correct)  # z-scores and the shared group filters
-        return (z if self.options.std_normalise else _centred(rewards, group_ids)), keep
+    @property
+    def scale_advantages(self) -> bool:
+        return self.options.std_normalise
 
     def rows(self, model, examples, generator, *, block_size, pad_id):
-        spec = model_spec(model)
-        b = check_block_size(block_size, spec)
-        if not isinstance(generator, torch.Generator):
-            raise TypeError("generator: pass a torch.Generator (prompt masks must be reproducible)")
         if not self.options.fresh_masks:  # the same draws on every call with this step's generator
             generator = torch.Generator(device=generator.device).manual_seed(generator.initial_seed())
-        exs = as_examples(examples)
-        mask_id, two_copy = spec.mask_token_id, spec.family == "block"
-        lengths = [len(ex.response_ids) for ex in exs if ex.response_ids]
-        mean_len = float(np.mean(lengths)) if lengths else 1.0
-        parts: list[RowParts] = []
-        for i, ex in enumerate(exs):
-            p, n = len(ex.prompt_ids), len(ex.response_ids)
-            if n == 0:
-                continue
-            hidden = _uniform(generator, p) < self.options.p_mask_prompt  # q': prompt positions -> [M]
-            tail = ex.tail_ids or []
-            if two_copy:  # only the last response block's tail can reach a target
-                tail = tail[: (p + n + b - 1) // b * b - (p + n)]
-            canvas = Example(ex.prompt_ids, ex.response_ids + tail)
-            masked = np.ones(n + len(tail), dtype=bool)  # the whole completion
-            target = np.arange(n + len(tail)) < n  # the response through its stop token
-            weight = mean_len / n if self.options.sequence_mean else 1.0
-            if two_copy:
-                part = two_copy_row(canvas, i, b, mask_id, masked, target, 0, weight)
-                _, _, source = masks.two_copy_layout(p, n + len(tail), b)
-                source = source.numpy()
-                in_prompt = np.flatnonzero(source < p)  # the prompt and the noisy copy's prompt tail
-                part.ids[in_prompt[hidden[source[in_prompt]]]] = mask_id
-            else:
-                part = single_row(canvas, i, spec.logit_shift, mask_id, masked, target, 0, weight,
-                                  where=f"example {i}")
-                part.ids[:p][hidden] = mask_id
-            parts.append(part)
-        return collate(parts, "two_copy" if two_copy else spec.attention, b, len(exs), default_pad_id(spec, pad_id))
+        weights = None
+        if self.options.sequence_mean:  # Eq. (4): each completion's tokens weigh mean_len / |o_i|
+            lengths = [len(ex.response_ids) for ex in examples]
+            mean_len = float(np.mean([n for n in lengths if n])) if any(lengths) else 1.0
+            weights = [mean_len / n if n else 0.0 for n in lengths]
+        return one_step_rows(model.spec, examples, generator, prompt_mask=self.options.p_mask_prompt,
+                             block_size=block_size, pad_id=pad_id, weights=weights)

@@ -22,12 +22,12 @@ response's tokens (upstream sums up to and including the stop token, no length n
 A new prompt mask is drawn for every inner update (``rows_per_epoch``).
 
 Sources.  The paper body (its equation numbers) could not be read from this workplace; the
-formulas above are the public code's (wd1/trainers/rev_grpo_trainer.py, ``compute_loss``: the
-"wll_d1_neg" trainer that run/wll_NP_*.sh, the README's wd1, launch), and they match the
-abstract's description (ratio-free weighted log-likelihood, positive and negative samples,
-a single likelihood approximation).  Upstream facts and defaults:
+formulas above are the public code's (commit 0898985: wd1/trainers/rev_grpo_trainer.py,
+``compute_loss``, the ``wll_d1_neg`` trainer that the README's wd1 scripts run/wll_NP_*.sh
+launch), and they match the abstract's description (ratio-free weighted log-likelihood of
+positive and negative samples, a single likelihood approximation).  Upstream facts and defaults:
 
-* ψ: no temperature in the code, i.e. ψ = 1 (``torch.softmax(advantages)``): default ``psi = 1``.
+* ψ: the code has no temperature, i.e. ψ = 1 (``torch.softmax(advantages)``): default ``psi = 1``.
 * advantages: rewards minus the group mean; the std is computed but not used.
 * negatives: on in wd1 (``wll_d1_neg``); ``wll_d1_pos_only`` (run/wll_P_*.sh) is the
   positive-only ablation: ``negative = false`` here.
@@ -38,7 +38,8 @@ a single likelihood approximation).  Upstream facts and defaults:
   (this library's default is 1); other upstream settings: lr 3e-6, 6 responses per prompt,
   ``max_grad_norm`` 0.2, LoRA r=128 on a 4-bit LLaDA-8B-Instruct.
 * no KL / reference term in the loss (``beta: 0.04`` in train.yaml only loads TRL's reference
-  model; the ``wll_d1_neg_ref`` variant mixes reference logits into *sampling*, not the loss).
+  model; the ``wll_d1_neg_ref`` variant mixes reference logits into *sampling*, not the loss), and
+  no clipping (train.yaml's ``epsilon: 0.5`` is unused by this loss).
 
 Where we differ, and why:
 
@@ -47,21 +48,22 @@ Where we differ, and why:
   library's optimizer-batch normaliser (``policy.normalisation``), so micro-batching and
   ``rows_per_forward`` change nothing.  Within an optimizer batch every token of response i has
   the same weight ``c_i`` as upstream; only a per-step constant differs: with ``token_mean`` our
-  loss is upstream's per-group loss divided by the batch's mean response length, with
-  ``upstream`` (one row per response here) divided by ``L1``.  The factor G (constant: groups
+  loss is the mean over the batch's groups of upstream's per-group loss, divided by the batch's
+  mean response length; with ``upstream`` (one row per response here), divided by ``L1``.  The factor G (constant: groups
   are whole) makes the weights O(1) like a z-scored advantage, so learning rates transfer between
   algorithms.  Σ_i c_i = 0 within a group.
 * Upstream takes the softmax over a device micro-batch, which in its shipped configuration
   (per-device batch 6 = ``num_generations`` 6) is exactly one prompt's group; we take it over each
   group explicitly (``group_ids``).
 * All-equal groups: every weight is exactly 1/G, so ``c = 0`` and they contribute no gradient
-  (upstream trains on them for nothing).  ``policy.filter_equal`` (default true) drops them like
+  (upstream keeps them: forwards for a zero gradient).  ``policy.filter_equal`` (default true) drops them like
   every other algorithm, which changes only the ``token_mean`` normaliser; with
   ``negative = false`` their ``c = 1`` (upstream's positive-only variant then fits them).
   ``policy.accuracy_band`` filters as for the base class.
 * The one-step row keeps the sampler's post-stop tail (``Example.tail_ids``) as masked,
-  never-targeted positions, as upstream feeds the whole masked completion canvas; prompt masking
-  never touches padding (upstream masks left-padding too; ours is never attended).
+  never-targeted positions, as upstream feeds the whole masked completion canvas (block family:
+  only the tail inside the last response block, the rest reaches no target); prompt masking never
+  touches padding (upstream masks its left padding too; ours is never attended).
 * Families.  ``full``/``shifted``: one single-copy row ``[prompt (randomly masked) | all [M]]``
   with the model's attention, d1's estimate as is (targets read one column left for ``shifted``).
   ``block``: a two-copy row whose noisy copy is entirely ``[M]``, so block k is predicted from the
@@ -85,18 +87,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tracerl import masks
 from tracerl.errors import ConfigError
-from tracerl.objectives import Example, Rows, as_examples, k3
+from tracerl.objectives import k3, one_step_rows
 from tracerl.objectives.loss import check_normaliser
-from tracerl.objectives.rows import (
-    check_block_size,
-    collate,
-    default_pad_id,
-    model_spec,
-    single_row,
-    two_copy_row,
-)
 from tracerl.rl.algorithms import register_algorithm
 from tracerl.rl.algorithms.base import Algorithm
 
@@ -146,56 +139,6 @@ def wd1_weights(rewards, group_ids, *, psi: float = 1.0, negative: bool = True) 
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
-
-
-# -- rows: d1's one-step estimate with a random prompt mask ----------------------------------
-
-
-def _uniform(generator: torch.Generator, n: int) -> np.ndarray:
-    if not isinstance(generator, torch.Generator):
-        raise TypeError("generator: pass a torch.Generator (prompt masks must be reproducible)")
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).cpu().numpy()
-
-
-def one_step_rows(spec, examples, generator: torch.Generator, *, prompt_mask: float = 0.15,
-                  block_size: int | None = None, pad_id: int | None = None) -> Rows:
-    """One row per response: every response token ``[M]`` and a target (weight 1), each prompt
-    token ``[M]`` with probability ``prompt_mask`` (one float64 uniform per prompt token from
-    ``generator``, example after example), the sampler's post-stop tail kept as masked
-    non-target positions (block family: those of the last response block, the rest reach no
-    target).  Block family: a two-copy row (noisy copy all ``[M]``; a masked prompt
-    token is masked in both copies); full / shifted: a single-copy row with the model's
-    attention.  Targets keep ``target_example`` = the example's index."""
-    spec = model_spec(spec)
-    b = check_block_size(block_size, spec)
-    exs = as_examples(examples)
-    two_copy = spec.family == "block"
-    if two_copy and spec.logit_shift:
-        raise ConfigError("two-copy rows need unshifted logits")
-    parts = []
-    for i, ex in enumerate(exs):
-        p, n = len(ex.prompt_ids), len(ex.response_ids)
-        if n == 0:
-            continue
-        hidden_prompt = _uniform(generator, p) < prompt_mask
-        tail = ex.tail_ids
-        if two_copy:  # tail positions past the last response block reach no target: left out
-            tail = tail[: (p + n + b - 1) // b * b - (p + n)]
-        canvas = Example(ex.prompt_ids, ex.response_ids + tail)
-        m = len(canvas.response_ids)
-        masked, target = np.ones(m, dtype=bool), np.arange(m) < n
-        if two_copy:
-            part = two_copy_row(canvas, i, b, spec.mask_token_id, masked, target)
-            source = masks.two_copy_layout(p, m, b)[2].numpy()
-        else:
-            part = single_row(canvas, i, spec.logit_shift, spec.mask_token_id, masked, target,
-                              where=f"example {i}")
-            source = np.arange(p + m)
-        in_prompt = source < p
-        cols = np.flatnonzero(in_prompt)
-        part.ids[cols[hidden_prompt[source[cols]]]] = spec.mask_token_id
-        parts.append(part)
-    return collate(parts, "two_copy" if two_copy else spec.attention, b, len(exs), default_pad_id(spec, pad_id))
 
 
 # -- the algorithm -------------------------------------------------------------------------------
