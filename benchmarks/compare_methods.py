@@ -1,7 +1,10 @@
-"""TraceRL vs TraceRL + value model vs coupled vs random-masking RL, from one SFT checkpoint.
+"""Every RL algorithm from one SFT checkpoint: TraceRL with and without the value model, coupled,
+random masking, d1, wd1 and SPG.
 
 Same start, same task, same rollout budget (steps x prompts x samples) and optimiser for every
-method; only ``policy.method`` / ``value.enabled`` differ.  Several seeds each.  Writes
+method; only ``policy.method`` / ``value.enabled`` differ (d1 and wd1 also take their inner updates
+per rollout, ``policy.ppo_epochs`` = 4: more gradient steps on the same samples is their design).
+Several seeds each.  Writes
 ``results.json``, ``accuracy.png`` (held-out accuracy per step, mean and min-max band) and
 ``results.md`` (the table for docs/results.md) into --out.
 
@@ -35,6 +38,9 @@ METHODS = {
     "tracerl + value": ["policy.method=tracerl", "value.enabled=true"],
     "coupled": ["policy.method=coupled", "value.enabled=false"],
     "random_masking": ["policy.method=random_masking", "value.enabled=false"],
+    "d1": ["policy.method=d1", "value.enabled=false", "policy.ppo_epochs=4"],
+    "wd1": ["policy.method=wd1", "value.enabled=false", "policy.ppo_epochs=4"],
+    "spg": ["policy.method=spg", "value.enabled=false"],
 }
 
 

@@ -30,8 +30,10 @@ def scrambled(name: str, std: float = 0.2, dtype: torch.dtype = torch.float32, *
 
 def picks_seven_or_eight(root, model: str = "tiny-full", steps: int = 15):
     """A tiny checkpoint (tiny-full by default) briefly SFT'd to answer "Pick i:" with 7 (even i)
-    or 8 (odd i), and the task options that pose those questions: it answers right about as often as wrong, so every group has rewards to learn from (a random
-    model scores 0 everywhere, its advantages are all 0 and nothing would train)."""
+    or 8 (odd i), and the task options that pose those questions.  After the default 15 steps it
+    answers right about 5-10 % of the time at temperature 1 (40 steps: about 28 %), mostly stopping
+    at once otherwise, so groups of 8 or more have rewards to learn from (a random model scores 0
+    everywhere, its advantages are all 0 and nothing would train)."""
     data = root / "pick.jsonl"
     data.write_text("".join(json.dumps({"question": f"Pick {i}:", "ground_truth_answer": str(7 + i % 2)}) + "\n"
                             for i in range(8)))

@@ -4,9 +4,12 @@ arXiv 2510.09541; code github:facebookresearch/SPG, ``spg/spg_trainer.py``).
 
 The sequence log-likelihood ``log π_θ(o|q)`` of a masked diffusion LM is intractable.  SPG
 replaces it, per response, by a *lower* bound (the ELBO) when the response's advantage is positive
-and by an *upper* bound (an evidence upper bound, EUBO, from a Rényi-type variational bound with
-order β) when it is negative, so the surrogate objective is a lower bound of the true one from
-both sides ("sandwiched", paper Section 3).  The Monte-Carlo estimates use block-wise masks.
+and by an *upper* bound (an evidence upper bound, EUBO, from a Rényi-type variational bound of
+order β) when it is negative.  Since ``A·ELBO ≤ A·log π`` for ``A > 0`` and ``A·EUBO ≤ A·log π``
+for ``A < 0``, the surrogate is a lower bound of the policy-gradient objective, with the
+likelihood "sandwiched" between the two bounds (paper Section 3).  The Monte-Carlo estimates use
+block-wise masks.  ``β ≥ 1`` is required: ``(1/β) log E_q[(p/q)^β] ≥ log E_q[p/q]`` (the
+power-mean inequality) holds for ``β ≥ 1``, and the public runs use β ∈ {1, 1.5, 2}.
 
 Equation numbers.  The paper's body could not be read from this machine (only its abstract and
 third-party summaries), so the formulas below are stated as the public trainer computes them
@@ -67,7 +70,8 @@ diffu_grpo_config.py):
 |---|---|---|
 | ``logp_estimation`` | ``mix`` ("SPG w/ Mixture", the paper's headline runs) | ``negative_bound`` = ``mix`` |
 | ``mix_weight`` ω | 0.5 (every mix script; class default) | ``mix_weight`` = 0.5 |
-| ``eubo_beta`` β | 1.5 (class default; GSM8K, MATH500, Countdown mix; GSM8K/MATH EUBO), 2.0 (Countdown EUBO), 1.0 (Sudoku) | ``eubo_beta`` = 1.5 |
+| ``eubo_beta`` β | 1.5 (class default; mix: GSM8K, MATH500, Countdown; EUBO: GSM8K, MATH500); | ``eubo_beta`` = 1.5 |
+| | 2.0 (EUBO: Countdown); 1.0 (Sudoku, both) | |
 | ``num_t`` | 2 mask samples per response (every script) | ``mask_samples`` = 2 |
 | ``min_t``, ``max_t`` | 0, 1 | ``mask_low`` = 0, ``mask_high`` = 1 |
 | ``forward_type`` | ``block_random`` | always |
@@ -77,7 +81,8 @@ diffu_grpo_config.py):
 | ``beta`` (KL) | 0 (nonzero raises) | ``policy.beta`` must be 0 |
 | advantage | ``r − mean`` | ``std_normalise`` = false |
 | ``block_length`` | 32 (256 new tokens, 128 steps) | ``rollout.sampling.block_size`` |
-| optimiser | lr 3e-6 constant, AdamW (0.9, 0.99), wd 0.1, grad clip 0.2; 6 generations per prompt | ``optim.*``, ``rollout.group_size`` |
+| optimiser | lr 3e-6 constant, AdamW (0.9, 0.99), wd 0.1, grad clip 0.2 | ``optim.*`` |
+| ``num_generations`` | 6 responses per prompt | ``rollout.group_size`` |
 
 So an upstream-like run sets ``policy.method=spg policy.ppo_epochs=4 optim.lr=3e-6``.
 
@@ -92,8 +97,10 @@ mask sample, then the chosen prompt columns set to ``[M]``):
   noisy copy.  A block-causal model conditions block ``b`` on clean earlier blocks, so a fully
   masked later block is scored in the state the sampler starts that block from (clean prefix,
   block all ``[M]``) rather than behind a partially masked current block; the targets, levels and
-  weights are the same as for the other families.  Tail positions past the last response block
-  cannot reach a target and are dropped.
+  weights are the same as for the other families.
+
+With block-causal attention (the block family, and the shifted family's default) tail positions
+past the last response block cannot reach a target and are dropped (exact, and cheaper).
 
 Rows carry ``target_weight = 1/(m t_ij) = L_i / (m |M_ij|)``, so ``Σ w ℓ`` over a response's
 targets is ``ELBO_i``; ``loss`` recovers ``L_i`` and ``m`` from the rows (targets per row, rows per
@@ -111,8 +118,12 @@ Where we differ from the public code, and why:
   permutation of the fixed generation's blocks modulo the completion's block count (repeats
   when the completion is short).
 * The policy log-probs exclude the tokens the sampler cannot emit (``target_logprobs(policy=True)``).
+* One distinct set of masks per ``ppo_epochs`` pass.  The trainer indexes its mask seeds by
+  ``_step % num_iterations`` with ``_step`` counting micro-batches, so with gradient accumulation
+  a micro-batch does not see every seed.
 * Old log-probs (the loop computes them for every pass) are used only for the ``ratio_mean`` /
-  ``approx_kl`` drift diagnostics; SPG's loss has no ratio, hence no ``clip_fraction``.
+  ``approx_kl`` drift diagnostics; SPG's loss has no ratio, hence no ``clip_fraction``.  As in the
+  trainer, ``ppo_epochs > 1`` reuses the rollout without any off-policy correction.
 """
 
 from __future__ import annotations
@@ -152,12 +163,12 @@ def _number(value, name: str) -> float:
 
 @dataclass
 class SPGOptions:
-    negative_bound: str = "mix"  # bound for A <= 0: mix (ω EUBO + (1-ω) ELBO) | eubo | elbo | zero (upstream logp_estimation)
+    negative_bound: str = "mix"  # bound for A <= 0: mix (ω EUBO + (1-ω) ELBO) | eubo | elbo | zero
     mix_weight: float = 0.5  # ω, the EUBO's share in `mix` (upstream mix_weight)
     eubo_beta: float = 1.5  # β >= 1, the Rényi order of the upper bound (upstream eubo_beta)
     mask_samples: int = 2  # block-wise mask samples per response (upstream num_t)
     mask_low: float = 0.0  # current block: masked count uniform on [max(floor(n*low),1), floor(n*high)] (min_t)
-    mask_high: float = 1.0  # (max_t)
+    mask_high: float = 1.0  # the upper end of that range (upstream max_t)
     prompt_mask: float = 0.15  # each prompt token -> [M] with this probability, per sample (p_mask_prompt)
     std_normalise: bool = False  # divide advantages by the group std (GRPO); upstream: r - mean only
 
@@ -221,7 +232,7 @@ def spg_rows(spec, examples, generator: torch.Generator, *, samples: int = 2, lo
         if n == 0:
             continue
         tail = list(ex.tail_ids or [])
-        if two_copy:  # positions past the last response block reach no target
+        if spec.attention == "block":  # block-causal: positions past the last response block reach no target
             tail = tail[: (p + n + b - 1) // b * b - (p + n)]
         canvas = Example(ex.prompt_ids, ex.response_ids + tail)
         total = n + len(tail)
@@ -254,26 +265,6 @@ def spg_rows(spec, examples, generator: torch.Generator, *, samples: int = 2, lo
     return collate(parts, "two_copy" if two_copy else spec.attention, b, len(exs), default_pad_id(spec, pad_id))
 
 
-# -- advantages ---------------------------------------------------------------------------------
-
-
-def centred_advantages(rewards, group_ids) -> torch.Tensor:
-    """``r_i − mean`` of i's group; exactly 0 in a group whose rewards are all equal."""
-    r = np.asarray(rewards.detach().cpu().numpy() if isinstance(rewards, torch.Tensor) else rewards,
-                   dtype=np.float64).reshape(-1)
-    g = np.asarray(group_ids.detach().cpu().numpy() if isinstance(group_ids, torch.Tensor) else group_ids)
-    if r.size == 0:
-        return torch.zeros(0)
-    _, inv = np.unique(g.reshape(-1), return_inverse=True)
-    inv = inv.reshape(-1)
-    k = int(inv.max()) + 1
-    mean = np.bincount(inv, weights=r, minlength=k) / np.bincount(inv, minlength=k)
-    hi, lo = np.full(k, -np.inf), np.full(k, np.inf)
-    np.maximum.at(hi, inv, r)
-    np.minimum.at(lo, inv, r)
-    return torch.from_numpy(np.where((hi == lo)[inv], 0.0, r - mean[inv]).astype(np.float32))
-
-
 # -- loss ---------------------------------------------------------------------------------------
 
 
@@ -301,9 +292,8 @@ def spg_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, weights: torch
     if rows.num_targets != t or w.numel() != t or adv.numel() != t:
         raise ValueError(f"spg loss: {t} log-probs, {w.numel()} weights, {adv.numel()} advantages, "
                          f"{rows.num_targets} row targets: all must match")
-    zero = logprobs.sum() * 0.0
     if t == 0:
-        return zero, {"loss": 0.0, "targets": 0, "normaliser": n}
+        return logprobs.sum() * 0.0, {"loss": 0.0, "targets": 0, "normaliser": n}
     example = rows.target_example.to(dev)
     row = rows.target_row.to(dev)
     index = rows.target_index.to(dev)
@@ -329,13 +319,15 @@ def spg_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, weights: torch
         length = length.to(dtype)
 
     if negative_bound in ("mix", "eubo") and bool((~positive).any()):
+        on = (~positive)[inv]  # only the negative responses' targets need the upper bound
         stride = int(index.max()) + 1
-        tokens, tinv = torch.unique(inv * stride + index, return_inverse=True)
-        x = w.log() + eubo_beta * logprobs  # log(w p^β): S_ik = Σ_j w p^β = (1/m) Σ_j 1{k∈M_j} p^β / t_j
+        tokens, tinv = torch.unique(inv[on] * stride + index[on], return_inverse=True)
+        x = w[on].log() + eubo_beta * logprobs[on]  # log(w p^β): S_ik = Σ_j w p^β = (1/m) Σ_j 1{k∈M_j} p^β / t_j
         top = torch.full((tokens.numel(),), -torch.inf, dtype=dtype, device=dev)
         top = top.scatter_reduce(0, tinv, x.detach(), reduce="amax", include_self=True)
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        log_s = torch.zeros(tokens.numel(), dtype=dtype, device=dev).index_add(0, tinv, (x - top[tinv]).exp()).log() + top
+        summed = torch.zeros(tokens.numel(), dtype=dtype, device=dev).index_add(0, tinv, (x - top[tinv]).exp())
+        log_s = summed.log() + top  # log S_ik, a logsumexp per (response, token)
         token_response = torch.div(tokens, stride, rounding_mode="floor")
         covered = torch.bincount(token_response, minlength=r).to(dtype)  # |K_i|
         eubo = torch.zeros(r, dtype=dtype, device=dev).index_add(0, token_response, log_s)
@@ -391,9 +383,9 @@ class SPG(Algorithm):
             raise ConfigError(f"policy.beta: {p.beta}; spg has no KL term (the public trainer refuses beta != 0); "
                               "set 0")
 
-    def advantages(self, rewards, group_ids, correct):
-        z, keep = super().advantages(rewards, group_ids, correct)  # z-scores and the shared group filters
-        return (z if self.options.std_normalise else centred_advantages(rewards, group_ids)), keep
+    @property
+    def scale_advantages(self) -> bool:  # upstream: A = r - mean (no division by the group std)
+        return self.options.std_normalise
 
     def rows(self, model, examples, generator, *, block_size, pad_id):
         o = self.options
