@@ -19,6 +19,7 @@ from tracerl.objectives.rl import (
     k3,
     one_step_rows,
     policy_loss,
+    prompt_masked_row,
     rl_normaliser,
     rl_rows,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "group_advantages",
     "k3",
     "one_step_rows",
+    "prompt_masked_row",
     "policy_loss",
     "rl_normaliser",
     "rl_rows",

@@ -77,6 +77,7 @@ from tracerl.objectives.rows import (
     collate,
     default_pad_id,
     model_spec,
+    RowParts,
     response_blocks,
     single_row,
     two_copy_row,
@@ -161,6 +162,24 @@ def rl_rows(
     return replace(rows, target_weight=torch.full_like(rows.target_weight, 1.0 / mask_samples))
 
 
+def prompt_masked_row(spec, canvas: Example, index: int, block_size: int, masked, target, weight: float,
+                      hidden_prompt: np.ndarray) -> RowParts:
+    """A row of ``canvas`` (two-copy for the block family, else single-copy) whose prompt positions
+    where ``hidden_prompt`` is True hold ``[M]``: in both copies of the two-copy layout (the prompt
+    and the copy of its tail that opens the noisy copy), so every block sees the same prompt."""
+    p, m = len(canvas.prompt_ids), len(canvas.response_ids)
+    if spec.family == "block":
+        part = two_copy_row(canvas, index, block_size, spec.mask_token_id, masked, target, 0, weight)
+        source = masks.two_copy_layout(p, m, block_size)[2].numpy()
+    else:
+        part = single_row(canvas, index, spec.logit_shift, spec.mask_token_id, masked, target, 0, weight,
+                          where=f"example {index}")
+        source = np.arange(p + m)
+    cols = np.flatnonzero(source < p)
+    part.ids[cols[hidden_prompt[source[cols]]]] = spec.mask_token_id
+    return part
+
+
 def one_step_rows(spec, examples, generator: torch.Generator, *, prompt_mask: float = 0.15,
                   block_size: int | None = None, pad_id: int | None = None,
                   weights: Sequence[float] | None = None) -> Rows:
@@ -194,17 +213,7 @@ def one_step_rows(spec, examples, generator: torch.Generator, *, prompt_mask: fl
         m = len(canvas.response_ids)
         masked, target = np.ones(m, dtype=bool), np.arange(m) < n
         weight = 1.0 if weights is None else float(weights[i])
-        if two_copy:
-            part = two_copy_row(canvas, i, b, spec.mask_token_id, masked, target, 0, weight)
-            source = masks.two_copy_layout(p, m, b)[2].numpy()
-        else:
-            part = single_row(canvas, i, spec.logit_shift, spec.mask_token_id, masked, target, 0, weight,
-                              where=f"example {i}")
-            source = np.arange(p + m)
-        in_prompt = source < p
-        cols = np.flatnonzero(in_prompt)
-        part.ids[cols[hidden_prompt[source[cols]]]] = spec.mask_token_id
-        parts.append(part)
+        parts.append(prompt_masked_row(spec, canvas, i, b, masked, target, weight, hidden_prompt))
     return collate(parts, "two_copy" if two_copy else spec.attention, b, len(exs), default_pad_id(spec, pad_id))
 
 
@@ -328,6 +337,16 @@ def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, clamp: float | None =
     return d.exp() - 1.0 - d
 
 
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, weights: torch.Tensor, *, beta: float,
+               normaliser: float, clamp: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(β Σ_j w_j k3_j / normaliser, k3 per target)``: the KL term every policy loss adds (a
+    zero without gradient when ``β = 0``)."""
+    kl = k3(logprobs, ref_logprobs, clamp)
+    loss = beta * (weights * kl).sum() / normaliser if beta else torch.zeros((), dtype=logprobs.dtype,
+                                                                              device=logprobs.device)
+    return loss, kl
+
+
 def _as_targets(value: Any, like: torch.Tensor, name: str) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach()
     if t.dim() == 0:
@@ -388,9 +407,7 @@ def policy_loss(
     clipped = ((adv > 0) & (ratio > 1.0 + eps)) | ((adv < 0) & (ratio < 1.0 - eps))
     surrogate = torch.where(clipped, ratio.clamp(1.0 - eps, 1.0 + eps) * adv, ratio * adv)
     pg_loss = -(w * surrogate).sum() / n
-    kl_ref = k3(logprobs, ref, logratio_clamp)
-    kl_loss = beta * (w * kl_ref).sum() / n if beta else torch.zeros((), dtype=logprobs.dtype,
-                                                                     device=logprobs.device)
+    kl_loss, kl_ref = kl_penalty(logprobs, ref, w, beta=beta, normaliser=n, clamp=logratio_clamp)
     loss = pg_loss + kl_loss
 
     with torch.no_grad():

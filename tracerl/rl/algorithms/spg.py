@@ -133,9 +133,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tracerl import masks
 from tracerl.errors import ConfigError
-from tracerl.objectives import k3
+from tracerl.objectives import k3, prompt_masked_row
 from tracerl.objectives.examples import Example, as_examples
 from tracerl.objectives.loss import check_normaliser
 from tracerl.objectives.rows import (
@@ -146,8 +145,6 @@ from tracerl.objectives.rows import (
     default_pad_id,
     model_spec,
     response_blocks,
-    single_row,
-    two_copy_row,
 )
 from tracerl.rl.algorithms import register_algorithm
 from tracerl.rl.algorithms.base import Algorithm
@@ -251,17 +248,7 @@ def spg_rows(spec, examples, generator: torch.Generator, *, samples: int = 2, lo
             target = masked & is_response
             weight = n / (samples * int(target.sum()))  # 1 / (m t), t = |M| / L
             hidden = _uniform(generator, p) < prompt_mask if prompt_mask > 0 else np.zeros(p, dtype=bool)
-            if two_copy:
-                part = two_copy_row(canvas, i, b, mask_id, masked, target, 0, weight)
-                _, _, source = masks.two_copy_layout(p, total, b)
-                source = source.numpy()
-                in_prompt = np.flatnonzero(source < p)  # the prompt and the noisy copy's prompt tail
-                part.ids[in_prompt[hidden[source[in_prompt]]]] = mask_id
-            else:
-                part = single_row(canvas, i, spec.logit_shift, mask_id, masked, target, 0, weight,
-                                  where=f"example {i}")
-                part.ids[:p][hidden] = mask_id
-            parts.append(part)
+            parts.append(prompt_masked_row(spec, canvas, i, b, masked, target, weight, hidden))
     return collate(parts, "two_copy" if two_copy else spec.attention, b, len(exs), default_pad_id(spec, pad_id))
 
 

@@ -89,6 +89,7 @@ import torch
 
 from tracerl.errors import ConfigError
 from tracerl.objectives import k3, one_step_rows
+from tracerl.objectives.rl import kl_penalty
 from tracerl.objectives.loss import check_normaliser
 from tracerl.rl.algorithms import register_algorithm
 from tracerl.rl.algorithms.base import Algorithm
@@ -171,9 +172,7 @@ def wd1_loss(logprobs: torch.Tensor, old_logprobs, weights_per_target, *, normal
     tw = torch.ones_like(logprobs) if target_weights is None else _per_target(target_weights, logprobs, "weights")
     ref = old if ref_logprobs is None else _per_target(ref_logprobs, logprobs, "ref_logprobs")
     pg_loss = -(tw * c * logprobs).sum() / n
-    kl_ref = k3(logprobs, ref, logratio_clamp)
-    kl_loss = beta * (tw * kl_ref).sum() / n if beta else torch.zeros((), dtype=logprobs.dtype,
-                                                                     device=logprobs.device)
+    kl_loss, kl_ref = kl_penalty(logprobs, ref, tw, beta=beta, normaliser=n, clamp=logratio_clamp)
     loss = pg_loss + kl_loss
     with torch.no_grad():
         t = logprobs.numel()
