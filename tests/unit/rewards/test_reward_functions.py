@@ -169,3 +169,24 @@ def test_tracerl_score_takes_reward_functions(plugin, tmp_path):
     bad = subprocess.run(cmd[:-6] + ["--reward", f"{plugin}:two_args", "--json"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and "--reward[0]" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tracerl_eval_takes_reward_functions(plugin, tmp_path):
+    from tracerl.eval import EvalConfig
+    from tracerl.recipes.eval import run_eval
+
+    config = load_config(EvalConfig, None, [
+        "task.source=gym", "task.name=basic_arithmetic", "task.size=3", "task.template=raw", "task.chat=false",
+        "sampling.max_new_tokens=4", f"output_dir={tmp_path / 'eval'}", f"reward.functions=[{plugin}:per_token]",
+        "reward.correct_at=100"])
+    summary = run_eval(config, progress=False)
+    samples = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and summary["accuracy"] == 0.0  # no sample reaches correct_at
+    for s in samples:
+        assert s["token_rewards"] == [0.5] * len(s["token_ids"]) and s["reward"] == 0.5 * len(s["token_ids"])
+        assert s["details"]["rewards"] == {"per_token": s["reward"]}
+    assert summary["mean_reward"] == sum(s["reward"] for s in samples) / 3
+    with pytest.raises(ConfigError, match=r"reward.functions\[0\]"):
+        run_eval(load_config(EvalConfig, None, [f"reward.functions=[{plugin}:two_args]",
+                                                f"output_dir={tmp_path / 'bad'}"]), progress=False)
+    assert not (tmp_path / "bad").exists()  # refused before any work
