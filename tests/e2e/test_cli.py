@@ -232,7 +232,8 @@ def test_config_rl_loads_back_with_every_algorithm(tmp_path):
     path.write_text(out.stdout)
     config = load_config(RLConfig, path)
     # The subprocess knows the built-in algorithms (this process may hold test plug-ins too).
-    assert set(config.policy.options) == {"tracerl", "random_masking", "coupled"} <= set(algorithm_names())
+    builtin = {"tracerl", "random_masking", "coupled", "d1", "wd1", "spg"}
+    assert set(config.policy.options) == builtin <= set(algorithm_names())
     for name in config.policy.options:  # every section is valid for its algorithm
         config = load_config(RLConfig, path, [f"policy.method={name}"])
         assert make_algorithm(config.policy).name == name
