@@ -150,6 +150,6 @@ def rollout(
 def safe_scores(rewards: Rewards, problems: Sequence[Problem], texts: Sequence[str], ids: Sequence[Sequence[int]],
                 workers: int, fail: bool) -> tuple[list[Score], list[str]]:
     """Score; with ``fail`` False a reward function that raises (or returns no valid reward) gives
-    0 for that sample and a report naming it (problem id, exception, start of the response)."""
+    0 for that sample and a report naming it (problem id, function, exception, start of the response)."""
     errors: list[str] | None = None if fail else []
     return rewards.score(problems, texts, ids, workers=workers, errors=errors), errors or []

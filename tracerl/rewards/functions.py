@@ -130,12 +130,13 @@ class Rewards:
               workers: int = 2, errors: list[str] | None = None) -> list[Score]:
         """One ``Score`` per response.  ``errors=None``: the first sample whose reward fails (a
         function raises or returns no valid reward) raises; a list: that sample scores 0 and a line
-        naming it (problem id, exception, start of the response) is appended, the others keep
-        their scores."""
+        naming it (problem id, the function, exception, start of the response) is appended, the
+        others keep their scores."""
         if not len(problems) == len(texts) == len(response_ids):
             raise ValueError(f"{len(problems)} problems, {len(texts)} texts, {len(response_ids)} id lists")
         n = len(problems)
         failed: list[BaseException | None] = [None] * n
+        culprit: list[str] = [TASK] * n  # which function failed a sample (the report names it)
         task = self._task_scores(problems, texts, workers, failed, errors is not None) if self.uses_task else None
         values: dict[str, list] = {}
         for f in self.functions:
@@ -159,14 +160,16 @@ class Rewards:
                 except Exception as e:  # noqa: BLE001
                     if errors is None:
                         raise
-                    failed[i] = failed[i] or e
+                    if failed[i] is None:
+                        failed[i], culprit[i] = e, f.label
                     checked.append(None)
             values[f.name] = checked
         out = []
         for i in range(n):
             if failed[i] is not None:
                 e = failed[i]
-                errors.append(f"problem {problems[i].id}: {type(e).__name__}: {e} (response {texts[i][:80]!r})")
+                errors.append(f"problem {problems[i].id}: {culprit[i]}: {type(e).__name__}: {e} "
+                              f"(response {texts[i][:80]!r})")
                 trace = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=2))
                 out.append(Score(0.0, False, None, {"error": trace}))
             elif self.is_default:

@@ -100,7 +100,7 @@ def test_a_judge_that_answers_garbage_is_reported_per_sample():
         errors: list[str] = []
         scores = rewards.score([pick(1), pick(2)], ["x", "y"], [[1], [2]], errors=errors)
         assert [s.reward for s in scores] == [0.0, 0.0] and len(errors) == 2
-        assert errors[0].startswith("problem pick-1: JudgeError: judge garbage: no score in its answer")
+        assert errors[0].startswith("problem pick-1: judge: JudgeError: judge garbage: no score in its answer")
         assert "score_pattern" in errors[0] and "pick-2" in errors[1]
         with pytest.raises(JudgeError, match="no score"):
             rewards.score([pick(1)], ["x"], [[1]])

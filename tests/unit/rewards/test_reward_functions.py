@@ -147,7 +147,7 @@ def test_a_raising_function_zeroes_only_its_sample(plugin):
     scores, errors = safe_scores(rewards, [math_problem(pid="a"), math_problem(pid="b")], ["fine", "boom"],
                                  [[1], [2]], workers=1, fail=False)
     assert [s.reward for s in scores] == [1.0, 0.0]
-    assert len(errors) == 1 and errors[0].startswith("problem b: RuntimeError: kaboom")
+    assert len(errors) == 1 and errors[0].startswith("problem b: raises: RuntimeError: kaboom")
     with pytest.raises(RuntimeError, match="kaboom"):
         safe_scores(rewards, [math_problem(pid="b")], ["boom"], [[2]], workers=1, fail=True)
 
