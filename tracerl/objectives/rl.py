@@ -92,8 +92,8 @@ DEFAULT_NORMALISATION = "token_mean"
 # -- rows -------------------------------------------------------------------------------------
 
 
-def _uniform(generator: torch.Generator, n: int) -> np.ndarray:
-    # Same draws as sft.py: float64 uniforms from the caller's generator.
+def uniforms(generator: torch.Generator, n: int) -> np.ndarray:
+    """``n`` float64 uniforms from the caller's generator (the draws every mask builder uses, as sft.py)."""
     return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).cpu().numpy()
 
 
@@ -109,8 +109,8 @@ def _block_random_rows(spec, exs, generator, *, low, high, samples, coupled, blo
             continue
         blocks = response_blocks(p, n, b)
         for _ in range(samples):
-            levels = low + (high - low) * _uniform(generator, int(blocks[-1] - blocks[0]) + 1)
-            masked = _uniform(generator, n) < levels[blocks - blocks[0]]
+            levels = low + (high - low) * uniforms(generator, int(blocks[-1] - blocks[0]) + 1)
+            masked = uniforms(generator, n) < levels[blocks - blocks[0]]
             for m in ((masked, ~masked) if coupled else (masked,)):
                 parts.append(two_copy_row(ex, i, b, spec.mask_token_id, m, m, 0, weight))
     return collate(parts, "two_copy", b, len(exs), default_pad_id(spec, pad_id))
@@ -205,7 +205,7 @@ def one_step_rows(spec, examples, generator: torch.Generator, *, prompt_mask: fl
         p, n = len(ex.prompt_ids), len(ex.response_ids)
         if n == 0:
             continue
-        hidden_prompt = _uniform(generator, p) < prompt_mask
+        hidden_prompt = uniforms(generator, p) < prompt_mask
         tail = ex.tail_ids
         if two_copy:  # tail positions past the last response block reach no target: left out
             tail = tail[: (p + n + b - 1) // b * b - (p + n)]

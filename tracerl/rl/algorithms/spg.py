@@ -135,6 +135,7 @@ import torch
 
 from tracerl.errors import ConfigError
 from tracerl.objectives import k3, prompt_masked_row
+from tracerl.objectives.rl import uniforms
 from tracerl.objectives.examples import Example, as_examples
 from tracerl.objectives.loss import check_normaliser
 from tracerl.objectives.rows import (
@@ -196,10 +197,6 @@ class SPGOptions:
 # -- rows ---------------------------------------------------------------------------------------
 
 
-def _uniform(generator: torch.Generator, n: int) -> np.ndarray:
-    return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).cpu().numpy()
-
-
 def _perm(generator: torch.Generator, n: int) -> np.ndarray:
     return torch.randperm(n, generator=generator, device=generator.device).cpu().numpy()
 
@@ -242,12 +239,12 @@ def spg_rows(spec, examples, generator: torch.Generator, *, samples: int = 2, lo
             size = in_block.size
             lo = max(int(np.floor(size * low)), 1)
             hi = max(lo, min(int(np.floor(size * high)), size))
-            count = lo + min(int(_uniform(generator, 1)[0] * (hi - lo + 1)), hi - lo)
+            count = lo + min(int(uniforms(generator, 1)[0] * (hi - lo + 1)), hi - lo)
             masked = ~is_response | (blocks > current)  # the tail and every later block
             masked[in_block[_perm(generator, size)[:count]]] = True
             target = masked & is_response
             weight = n / (samples * int(target.sum()))  # 1 / (m t), t = |M| / L
-            hidden = _uniform(generator, p) < prompt_mask if prompt_mask > 0 else np.zeros(p, dtype=bool)
+            hidden = uniforms(generator, p) < prompt_mask if prompt_mask > 0 else np.zeros(p, dtype=bool)
             parts.append(prompt_masked_row(spec, canvas, i, b, masked, target, weight, hidden))
     return collate(parts, "two_copy" if two_copy else spec.attention, b, len(exs), default_pad_id(spec, pad_id))
 
