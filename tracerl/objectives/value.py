@@ -59,7 +59,9 @@ HEAD_KEY = "value_head.weight"
 class ValueModel(nn.Module):
     """Scalar value head on a diffusion backbone (module docstring)."""
 
-    def __init__(self, model: DiffusionLM, share_backbone: bool = False) -> None:
+    def __init__(self, model: DiffusionLM, share_backbone: bool = False, *, copy_backbone: bool = True) -> None:
+        """``copy_backbone=False`` (with a backbone of its own): ``model`` is already a copy made
+        for this value model and becomes its backbone, as it is (no second copy in memory)."""
         super().__init__()
         if not isinstance(model, DiffusionLM):
             raise TypeError(f"ValueModel needs a DiffusionLM, got {type(model)}")
@@ -67,6 +69,8 @@ class ValueModel(nn.Module):
         if self.share_backbone:
             # Not registered as a submodule: the backbone's parameters belong to the policy.
             object.__setattr__(self, "_shared_lm", model)
+        elif not copy_backbone:
+            self.lm = model
         else:
             backbone = copy.deepcopy(model.backbone)  # keeps the policy's requires_grad flags
             for p in backbone.parameters():

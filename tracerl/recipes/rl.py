@@ -23,9 +23,9 @@ from tracerl.rewards import Rewards
 from tracerl.rl.algorithms import Algorithm, make_algorithm
 from tracerl.rl.config import RLConfig
 from tracerl.rl.curriculum import check_curriculum, config_at, stage_at
-from tracerl.rl.loop import check_value_use, rl_step, setup_models
+from tracerl.rl.loop import check_value_use, rl_step, setup_models, sync_reference
 from tracerl.rollout import prompts_for
-from tracerl.train import distributed
+from tracerl.train import distributed, lora
 from tracerl.train.loop import TrainingRun
 
 
@@ -40,6 +40,15 @@ def check_rl_config(config: RLConfig, model=None) -> Algorithm:
         raise ConfigError(f"policy.normalisation: {p.normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
     if p.kl_reference not in ("rollout", "initial"):
         raise ConfigError(f"policy.kl_reference: {p.kl_reference!r}; valid: rollout, initial")
+    if p.ref_model_sync_steps and (p.kl_reference != "initial" or p.beta <= 0):
+        raise ConfigError(f"policy.ref_model_sync_steps: syncs the frozen KL reference, which this run does not have "
+                          f"(kl_reference={p.kl_reference}, beta={p.beta}); set policy.kl_reference=initial and "
+                          f"policy.beta > 0, or ref_model_sync_steps=0")
+    if config.value.lora.enabled and not config.value.enabled:
+        raise ConfigError("value.lora.enabled: there is no value model (value.enabled=false)")
+    if config.value.lora.enabled and config.value.share_backbone:
+        raise ConfigError("value.lora.enabled: a value model with share_backbone=true trains only its head on the "
+                          "policy's backbone; LoRA needs a backbone of its own (value.share_backbone=false)")
     check_value_use(config, algorithm)
     if config.rollout.group_size < 2 and (p.filter_equal or p.accuracy_band):
         raise ConfigError("rollout.group_size: group advantages need at least 2 responses per prompt")
@@ -76,6 +85,10 @@ def check_rl_world(config: RLConfig, world: distributed.World) -> None:
     if config.rollout.num_prompts % world.size:
         raise ConfigError(f"rollout.num_prompts: {config.rollout.num_prompts} prompt groups do not split over "
                           f"{world.size} ranks; use a multiple of {world.size}")
+    for key, section in (("lora", config.lora), ("value.lora", config.value.lora)):
+        if world.distributed and section.enabled:
+            raise ConfigError(f"{key}.enabled: LoRA is not supported with several ranks yet; train LoRA on one "
+                              f"rank, or train all weights on several")
     if world.distributed and config.value.enabled and config.value.share_backbone:
         raise ConfigError("value.share_backbone: not supported with several ranks yet (the head would train "
                           "outside the policy's shards); use a separate value backbone")
@@ -106,6 +119,8 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool | str)
     model = load_model(config.model, device=device, dtype=distributed.master_dtype(world, device),
                        block_size=config.rollout.sampling.block_size)
     check_rl_model(config, algorithm, model)
+    if config.lora.enabled:
+        lora.apply_lora(model, config.lora, seed=config.seed)
     prompts = prompts_for(model.tokenizer, problems, config.task)
 
     run = TrainingRun(model, output_dir=config.output_dir, max_steps=config.max_steps,
@@ -139,6 +154,7 @@ def _run_rl(config: RLConfig, world: distributed.World, *, progress: bool | str)
                 if config.curriculum:
                     row.update(curriculum_stage=stage, max_new_tokens=step_config.rollout.sampling.max_new_tokens)
                 run.advance()
+                sync_reference(config, run)
                 if config.eval.every and (run.step % config.eval.every == 0 or run.step == config.max_steps):
                     last_eval = run.evaluate(lambda m: periodic_eval(m, config.eval, config.seed))
                     row.update({f"eval_{k}": v for k, v in last_eval.items()})

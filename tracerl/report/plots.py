@@ -174,6 +174,7 @@ def run_plots(folder: str | Path, *, sft_rows: list[dict] = (), rl_rows: list[di
         dropped.append("heldout_accuracy")
     for name, key, title, ylabel in (
         ("kl", "kl", "KL to the rollout policy (k3, mean per token)", "KL"),
+        ("ref_kl", "ref_kl", "KL to the reference policy (k3, mean per token)", "KL"),
         ("clip_fraction", "clip_fraction", "PPO clip fraction", "fraction of tokens clipped"),
         ("value_loss", "value_loss", "Value-model loss", "loss"),
         ("nfe_per_token", "nfe_per_token", "Forward passes per generated token (rollouts)", "NFE / token"),

@@ -14,6 +14,7 @@ from tracerl.rewards import RewardConfig
 from tracerl.rl.curriculum import CurriculumStage
 from tracerl.rollout import check_engine
 from tracerl.train.distributed import DistributedConfig
+from tracerl.train.lora import LoraConfig
 from tracerl.train.loop import LoopConfig
 from tracerl.train.optim import OptimConfig
 
@@ -41,7 +42,9 @@ class PolicyConfig:
     eps: float = 0.2  # PPO clip range
     logratio_clamp: float = 10.0  # |log ratio| cap before exp
     beta: float = 0.0  # k3 KL weight
-    kl_reference: str = "rollout"  # rollout (upstream: the policy that sampled) | initial (frozen copy)
+    kl_reference: str = "rollout"  # rollout (upstream: the policy that sampled) | initial (frozen copy; LoRA: the base)
+    ref_model_sync_steps: int = 0  # kl_reference=initial: every N steps ref <- a*policy + (1-a)*ref (TR-DPO); 0: never
+    ref_model_mixup_alpha: float = 0.6  # that a (TRL's default; 1 = copy the policy)
     normalisation: str = "token_mean"  # token_mean | upstream (1/L1 per row)
     filter_equal: bool = True  # drop groups whose rewards are all equal (they carry no signal)
     accuracy_band: list[float] | None = None  # e.g. [0.2, 0.8]: keep groups with accuracy inside
@@ -50,6 +53,11 @@ class PolicyConfig:
     truncated_reward: float = 0.0  # truncated=wrong: the reward they get (and they count as incorrect)
 
     def __post_init__(self) -> None:
+        if self.ref_model_sync_steps < 0:
+            raise ConfigError(f"policy.ref_model_sync_steps: must be >= 0 (0 = the reference stays the start), "
+                              f"got {self.ref_model_sync_steps}")
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ConfigError(f"policy.ref_model_mixup_alpha: must be in (0, 1], got {self.ref_model_mixup_alpha}")
         if self.truncated not in TRUNCATED:
             raise ConfigError(f"policy.truncated: {self.truncated!r}; valid: {', '.join(TRUNCATED)} (wrong: reward "
                               f"policy.truncated_reward and incorrect; mask: left out of the loss, DAPO's overlong filter)")
@@ -64,6 +72,7 @@ class ValueConfig:
     eps: float = 0.2  # value clipping
     lr: float = 5e-6  # value model learning rate
     train_every: int = 1  # update the value model every N RL steps (advantages every step)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # train LoRA adapters + the head (a backbone of its own)
 
 
 @dataclass
@@ -83,6 +92,7 @@ class RLConfig:
     value: ValueConfig = field(default_factory=ValueConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6))
     loop: LoopConfig = field(default_factory=LoopConfig)  # micro_batch = responses per micro-batch
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the policy trains LoRA adapters (peft), as in SFT
     eval: PeriodicEvalConfig = field(default_factory=PeriodicEvalConfig)
     curriculum: list[CurriculumStage] = field(default_factory=list)  # stages by step: task difficulty, response cap (rl/curriculum.py)
     fail_on_reward_error: bool = False  # a reward function that raises: 0 reward, reported (or stop)

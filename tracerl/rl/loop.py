@@ -21,10 +21,12 @@ import torch
 # Relative imports: this module names no RL method, not even the package's own name (a grep for
 # method names over it must come back empty).
 from ..errors import ConfigError
+from ..models.model import atomic_folder
 from ..objectives import (Example, ValueModel, gae_targets, group_advantages, rl_normaliser, target_logprobs,
                           value_loss)
 from ..rewards import Rewards
 from ..rollout import Sample, base_seed, rollout
+from ..train import lora
 from ..train.loop import TrainingRun, step_generator
 from ..train.optim import OptimConfig
 from .algorithms import Algorithm
@@ -64,21 +66,76 @@ class TargetIndex:
 
 
 def setup_models(config: RLConfig, run: TrainingRun) -> None:
-    """Give the run the models this config trains besides the policy (call before resume)."""
+    """Give the run the models this config trains or reads besides the policy (call before
+    resume): the value model, and the frozen KL reference."""
+    policy = run.unsharded_policy()
     if config.value.enabled:
-        value_model = ValueModel(run.unsharded_policy(), share_backbone=config.value.share_backbone)
-        params = (list(value_model.value_head.parameters()) if config.value.share_backbone
-                  else list(value_model.parameters()))
+        _add_value_model(config, run, policy)
+    p = config.policy
+    if p.kl_reference == "initial" and p.beta > 0 and (p.ref_model_sync_steps or not lora.is_lora(policy)):
+        # A LoRA policy that never syncs needs no copy: its reference is itself with the adapter off.
+        run.add_frozen_copy(REFERENCE, tracks_policy=p.ref_model_sync_steps > 0)
 
-        def load(folder):
-            loaded = ValueModel.from_pretrained(folder, value_model.backbone_lm if value_model.share_backbone else None,
-                                                share_backbone=value_model.share_backbone)
-            value_model.load_state_dict(loaded.state_dict())
 
-        run.add_trained(VALUE, value_model, params, OptimConfig(lr=config.value.lr, grad_clip=config.optim.grad_clip),
-                        save=value_model.save_pretrained, load=load, forward_methods=("values",))
-    if config.policy.kl_reference == "initial" and config.policy.beta > 0:
-        run.add_frozen_copy(REFERENCE)
+def _add_value_model(config: RLConfig, run: TrainingRun, policy) -> None:
+    v = config.value
+    if lora.is_lora(policy) and not v.share_backbone:
+        # Its own backbone starts from the policy's base weights, not from the policy's adapter layers.
+        base = lora.base_copy(policy)
+        base.backbone.requires_grad_(not v.lora.enabled)
+        value_model = ValueModel(base, copy_backbone=False)
+    else:
+        value_model = ValueModel(policy, share_backbone=v.share_backbone)
+    if v.lora.enabled:  # adapters on its own backbone; the head trains in full
+        lora.apply_lora(value_model.lm, v.lora, seed=config.seed + 1)
+    params = list(value_model.value_head.parameters()) if v.share_backbone else list(value_model.parameters())
+
+    def save(folder):
+        if not v.lora.enabled:
+            return value_model.save_pretrained(folder)
+        # As a LoRA policy checkpoint: merged weights (a value model ValueModel.from_pretrained
+        # loads) and the live adapter in adapter/ (what resume restores).
+        with atomic_folder(folder) as tmp:
+            lora.merged_copy(value_model.lm).write_files(tmp)
+            value_model.save_head(tmp)
+            lora.save_adapter(value_model.lm, tmp / "adapter")
+
+    def load(folder):
+        if v.lora.enabled:
+            lora.load_adapter_weights(value_model.lm, folder / "adapter")
+            value_model.load_head(folder)
+            return
+        loaded = ValueModel.from_pretrained(folder, value_model.backbone_lm if value_model.share_backbone else None,
+                                            share_backbone=value_model.share_backbone)
+        value_model.load_state_dict(loaded.state_dict())
+
+    run.add_trained(VALUE, value_model, params, OptimConfig(lr=v.lr, grad_clip=config.optim.grad_clip),
+                    save=save, load=load, forward_methods=("values",))
+
+
+def sync_reference(config: RLConfig, run: TrainingRun) -> bool:
+    """After step ``run.step``: every ``policy.ref_model_sync_steps`` steps, move the frozen KL
+    reference toward the policy (TR-DPO; TRL's sync_ref_model).  True when it moved."""
+    every = config.policy.ref_model_sync_steps
+    if not every or run.step % every:
+        return False
+    run.sync_frozen(REFERENCE, config.policy.ref_model_mixup_alpha)
+    return True
+
+
+def _reference_logprobs(config: RLConfig, run: TrainingRun):
+    """``fn(rows) -> target log-probs`` of the KL reference, or None without one: the frozen
+    copy, or (a LoRA policy whose reference never syncs) the policy with its adapter off."""
+    reference = run.frozen.get(REFERENCE)
+    if reference is not None:
+        return lambda sub: target_logprobs(reference, sub, policy=True)
+    p = config.policy
+    if p.kl_reference == "initial" and p.beta > 0 and lora.is_lora(run.model):
+        def base(sub):
+            with lora.adapter_disabled(run.model):
+                return target_logprobs(run.model, sub, policy=True)
+        return base
+    return None
 
 
 def check_value_use(config: RLConfig, algorithm: Algorithm) -> None:
@@ -163,7 +220,7 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     response, advantage and training row, and forwards its share of each pass."""
     model, step, seed, p, world = run.model, run.step, config.seed, config.policy, run.world
     value_model = run.trained[VALUE].module if VALUE in run.trained else None
-    reference = run.frozen.get(REFERENCE)
+    reference_logprobs = _reference_logprobs(config, run)
     rng = np.random.default_rng([seed, step])
     t0 = time.perf_counter()
 
@@ -221,8 +278,8 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
     for e in epochs:
         # 2. old log-probs (the rollout policy) and the reference for the KL term
         e.old_logp = e.per_target(run, lambda sub: target_logprobs(model, sub, policy=True))
-        if reference is not None:
-            e.ref_logp = e.per_target(run, lambda sub: target_logprobs(reference, sub, policy=True))
+        if reference_logprobs is not None:
+            e.ref_logp = e.per_target(run, reference_logprobs)
         e.adv = example_adv[e.rows.target_example.cpu()]
 
     # 3. advantages per target: the response's, or GAE over trace steps with the value model
@@ -270,7 +327,7 @@ def rl_step(config: RLConfig, algorithm: Algorithm, run: TrainingRun, problems, 
                     continue
                 loss.backward()
                 loss_total += float(loss.detach())
-                for k in ("ratio_mean", "clip_fraction", "approx_kl"):
+                for k in ("ratio_mean", "clip_fraction", "approx_kl") + (("ref_kl",) if reference_logprobs else ()):
                     if k in stats:
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(stats[k])
                 forwards += 1

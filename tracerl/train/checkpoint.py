@@ -249,12 +249,15 @@ SHARDS = "shards"  # torch.distributed.checkpoint (DCP) folder inside a checkpoi
 
 
 def _dcp_state(modules: dict) -> dict:
-    """``{name: {"model": ..., "optimizer": ...}}`` of FSDP2 modules and their optimizers, as DCP
-    state dicts (each rank holds its shards)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """``{name: {"model": ..., "optimizer": ...}}`` of FSDP2 modules and their optimizers (None:
+    weights only), as DCP state dicts (each rank holds its shards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     out = {}
     for name, (module, optimizer) in modules.items():
+        if optimizer is None:  # a frozen model that changes (RL's synced KL reference): weights only
+            out[name] = {"model": get_model_state_dict(module)}
+            continue
         model_sd, optim_sd = get_state_dict(module, optimizer)
         out[name] = {"model": model_sd, "optimizer": optim_sd}
     return out
@@ -308,11 +311,14 @@ def save_sharded_checkpoint(output_dir: str | Path, step: int, world, modules: d
 def load_sharded_checkpoint(path: Path, modules: dict) -> None:
     """Restore ``modules`` (as for ``save_sharded_checkpoint``) from ``path/shards`` in place."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     state = _dcp_state(modules)
     dcp.load(state, checkpoint_id=str(path / SHARDS))
     for name, (module, optimizer) in modules.items():
+        if optimizer is None:
+            set_model_state_dict(module, state[name]["model"])
+            continue
         set_state_dict(module, optimizer, model_state_dict=state[name]["model"],
                        optim_state_dict=state[name]["optimizer"])
 

@@ -312,6 +312,19 @@ def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def reshard(module: nn.Module) -> nn.Module:
+    """Put every FSDP2 unit of ``module`` back to its shards.  A forward without a backward (a
+    frozen model's, under no_grad) leaves the root unit's weights gathered (FSDP2 keeps the
+    root's until the backward that normally follows); weight arithmetic on the shards and
+    checkpoints need them sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+    return module
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The local piece of a DTensor (a plain tensor as it is)."""
     return t.to_local() if hasattr(t, "to_local") else t

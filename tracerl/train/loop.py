@@ -35,7 +35,8 @@ from tracerl.errors import CheckpointError, ConfigError, OutputError, brief
 from tracerl.models.model import DiffusionLM
 from tracerl.train import checkpoint as ckpt
 from tracerl.train import lora
-from tracerl.train.distributed import DistributedConfig, World, check_same_config, is_sharded, rank_seed, shard
+from tracerl.train.distributed import (DistributedConfig, World, check_same_config, is_sharded, local_tensor, rank_seed,
+                                       reshard, shard)
 from tracerl.train.metrics import MetricsLogger, check_reporting
 from tracerl.train.optim import OptimConfig, Optimizer, TrainingDiverged
 
@@ -115,6 +116,19 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _load_weights(model: DiffusionLM, path: Path) -> None:
+    """Load ``path/model.safetensors`` into ``model``'s backbone, refusing another model's."""
+    weights = load_file(str(path / "model.safetensors"))
+    try:
+        missing, unexpected = model.backbone.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatch: another model
+        raise ConfigError(f"{path}: checkpoint does not match the model: {str(e).splitlines()[-1].strip()}") from None
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+
+
 @dataclass
 class _Trained:
     """A trained model besides the policy: its optimizer and how its weights are saved/loaded."""
@@ -134,9 +148,10 @@ class TrainingRun:
     policy folder of the same step, which is renamed into place last and so marks the step
     complete; folders of steps without a policy checkpoint (pruned by ``loop.keep_last``, or a
     run killed between the saves) are removed.  Frozen models (``add_frozen_copy``: RL's KL
-    reference) are copies of the policy as it was before resume, never saved: they are rebuilt
-    from the run's starting model.  Optimizer steps (``update``) use the LR of the current step;
-    ``advance`` ends the step.
+    reference) are copies of the policy as it was before resume: rebuilt from the run's starting
+    model, unless they move toward the policy (``tracks_policy``, ``sync_frozen``): those are
+    saved in ``checkpoints/NAME-N`` like trained models (no optimizer).  Optimizer steps
+    (``update``) use the LR of the current step; ``advance`` ends the step.
 
     Several ranks (``world``, train/distributed.py): every model is sharded with FSDP2 when it
     joins the run, a checkpoint is ``shards/`` (DCP: every model's weights and optimizer state)
@@ -184,6 +199,7 @@ class TrainingRun:
         self.optimizer = Optimizer(model.backbone.parameters(), optim, max_steps)
         self.trained: dict[str, _Trained] = {}
         self.frozen: dict[str, torch.nn.Module] = {}
+        self.tracking: list[str] = []  # frozen models that sync_frozen moves: saved in checkpoints
         self.run_config = run_config
         self.metrics = MetricsLogger(self.output_dir, report_to=loop.report_to,
                                      wandb_project=loop.wandb_project, run_config=run_config,
@@ -209,15 +225,43 @@ class TrainingRun:
         self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load)
         return module
 
-    def add_frozen_copy(self, name: str) -> DiffusionLM:
-        """A frozen copy of the policy as it is now (call before ``resume``: the starting model)."""
+    def add_frozen_copy(self, name: str, *, tracks_policy: bool = False) -> DiffusionLM:
+        """A frozen copy of the policy as it is now (call before ``resume``: the starting model);
+        a LoRA policy's copy is its base weights, a plain model (its adapter is zero at the start).
+        ``tracks_policy``: ``sync_frozen`` moves it toward the policy, so it is part of every
+        checkpoint (resume restores it, not the start)."""
         if self.step or self.last_checkpoint is not None:
             raise RuntimeError("add_frozen_copy: the copy must be made before the run resumes")
-        copy = _frozen(deepcopy(self.unsharded_policy()))
+        if name in ("step", "policy") or name in self.trained or name in self.frozen or "-" in name:
+            raise ValueError(f"frozen model name {name!r}: taken or invalid")
+        policy = self.unsharded_policy()
+        copy = _frozen(lora.base_copy(policy) if lora.is_lora(policy) else deepcopy(policy))
         if self.world.distributed:
             self._shard(copy.to(self.model.dtype), POLICY_FORWARDS)
         self.frozen[name] = copy
+        if tracks_policy:
+            self.tracking.append(name)
         return copy
+
+    def sync_frozen(self, name: str, alpha: float) -> None:
+        """Move frozen model ``name`` toward the policy: ``w <- alpha * w_policy + (1 - alpha) * w``
+        for every weight (TR-DPO's reference update, TRL's ``ref_model_mixup_alpha``); alpha = 1
+        copies the policy.  A LoRA policy contributes its merged weights; several ranks: each
+        rank mixes its own shards (the copy is sharded as the policy is)."""
+        if name not in self.tracking:
+            raise ValueError(f"sync_frozen: {name!r} was not added with tracks_policy=True")
+        source = lora.merged_copy(self.model) if lora.is_lora(self.model) else self.model
+        frozen = self.frozen[name]
+        if self.sharded:
+            reshard(source), reshard(frozen)
+        policy = dict(source.named_parameters())
+        with torch.no_grad():
+            for key, weight in frozen.named_parameters():
+                w, p = local_tensor(weight), local_tensor(policy[key])
+                if w.shape != p.shape:
+                    raise RuntimeError(f"sync_frozen: {key} is sharded as {tuple(w.shape)} in {name!r} and as "
+                                       f"{tuple(p.shape)} in the policy")
+                w.lerp_(p.to(w.dtype), alpha)  # exact at alpha = 1 (torch's lerp)
 
     def evaluate(self, fn: Callable[[DiffusionLM], dict]) -> dict:
         """``fn(model)`` with the current weights (periodic evaluation); several ranks: on rank 0
@@ -344,7 +388,7 @@ class TrainingRun:
         if self.trained and not self.sharded and not all(n in state.get("optimizers", {}) for n in self.trained):
             raise ConfigError(f"resume: checkpoint {path.name} has no optimizer state for "
                               f"{', '.join(self.trained)} (made by an older tracerl?); start a new output_dir")
-        for name in self.trained:
+        for name in self._folder_models():
             if not self.sharded and not self._folder(name, step).is_dir():
                 raise ConfigError(f"resume: {name} model of step {step} missing ({self._folder(name, step)})")
         if validate is not None:
@@ -354,20 +398,14 @@ class TrainingRun:
         elif lora.is_lora(self.model):
             lora.load_adapter_weights(self.model, path / "adapter")
         else:
-            weights = load_file(str(path / "model.safetensors"))
-            try:
-                missing, unexpected = self.model.backbone.load_state_dict(weights, strict=False)
-            except RuntimeError as e:  # shape mismatch: another model
-                raise ConfigError(f"{path}: checkpoint does not match the model: {str(e).splitlines()[-1].strip()}") from None
-            tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-            if set(missing) - tied or unexpected:
-                raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                                  f"unexpected {unexpected[:3]})")
+            _load_weights(self.model, path)
         if not self.sharded:
             self.optimizer.load_state_dict(state["optimizer"])
             for name, trained in self.trained.items():
                 trained.load(self._folder(name, step))
                 trained.optimizer.load_state_dict(state["optimizers"][name])
+            for name in self.tracking:
+                _load_weights(self.frozen[name], self._folder(name, step))
         ckpt.set_rng_state(state["rng_per_rank"][self.world.rank] if "rng_per_rank" in state else state["rng"])
         self.step = step
         self.metrics.truncate_after(self.step)
@@ -390,7 +428,7 @@ class TrainingRun:
         for path in reversed(checkpoints):
             step = ckpt.step_of(path)
             problem = ckpt.checkpoint_problem(path)
-            for name in self.trained:  # a missing folder is a config question: resume() names it
+            for name in self._folder_models():  # a missing folder is a config question: resume() names it
                 folder = self._folder(name, step)
                 if problem is None and folder.is_dir() and (bad := ckpt.checkpoint_problem(folder)):
                     problem = f"{folder.name}/{bad}"
@@ -426,9 +464,16 @@ class TrainingRun:
 
     def _sharded_modules(self) -> dict:
         return {"policy": (self.model, self.optimizer.adamw),
-                **{name: (t.module, t.optimizer.adamw) for name, t in self.trained.items()}}
+                **{name: (t.module, t.optimizer.adamw) for name, t in self.trained.items()},
+                **{name: (self.frozen[name], None) for name in self.tracking}}
+
+    def _folder_models(self) -> list[str]:
+        """The models besides the policy that one-rank checkpoints keep in ``NAME-N`` folders."""
+        return [*self.trained, *self.tracking]
 
     def _save_sharded(self, extra_state: dict) -> Path:
+        for module, _ in self._sharded_modules().values():
+            reshard(module)
         bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.to_local()).all()]
         if self.world.any(bool(bad)):  # never persist a broken model; every rank takes this branch
             raise TrainingDiverged(f"non-finite weights{' in ' + bad[0] if bad else ''} at step {self.step}; "
@@ -452,10 +497,13 @@ class TrainingRun:
                  "optimizers": {name: t.optimizer.state_dict() for name, t in self.trained.items()},
                  **extra_state}
         try:
-            for name, trained in self.trained.items():
+            for name in self._folder_models():
                 folder = self._folder(name, self.step)
                 with ckpt.writing(folder):
-                    trained.save(folder)
+                    if name in self.trained:
+                        self.trained[name].save(folder)
+                    else:
+                        self.frozen[name].save_pretrained(folder)
                     ckpt.write_manifest(folder)
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, state,
                                         keep_last=self.loop.keep_last)
@@ -468,7 +516,7 @@ class TrainingRun:
 
     def _prune_trained_folders(self) -> None:
         kept = {p.name.split("-")[1] for p in ckpt.list_checkpoints(self.output_dir)}
-        for name in self.trained:
+        for name in self._folder_models():
             for folder in ckpt.checkpoints_dir(self.output_dir).glob(f"{name}-*"):
                 if folder.name.split("-")[1] not in kept:
                     shutil.rmtree(folder, ignore_errors=True)

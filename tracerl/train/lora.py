@@ -1,4 +1,4 @@
-"""LoRA through peft: inject adapters, save the adapter, or export merged weights.
+"""LoRA through peft: inject adapters, save the adapter, export merged weights, run the base.
 
 ``DiffusionLM.backbone`` must stay the plain transformers model (``backbone.model`` is the
 decoder whose hidden states the objectives read, ``backbone.lm_head`` the head).  Wrapping it in
@@ -11,6 +11,7 @@ dict, merge.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 import weakref
@@ -98,6 +99,23 @@ def merged_copy(model: DiffusionLM) -> DiffusionLM:
     if hasattr(backbone, "peft_config"):
         del backbone.peft_config  # merged: a plain transformers model again
     return DiffusionLM(backbone, model.tokenizer, model.spec)
+
+
+def base_copy(model: DiffusionLM) -> DiffusionLM:
+    """A plain copy of the model *without* its adapter (the frozen base weights), e.g. the
+    backbone of a value model of its own, or a KL reference that later takes merged weights."""
+    backbone = copy.deepcopy(peft_wrapper(model)).unload()
+    if hasattr(backbone, "peft_config"):
+        del backbone.peft_config
+    return DiffusionLM(backbone, model.tokenizer, model.spec)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: DiffusionLM):
+    """Run ``model`` as its base weights (the adapter switched off) inside the block: the start
+    model of a LoRA run without a second copy in memory (TRL's and d1's KL reference)."""
+    with peft_wrapper(model).disable_adapter():
+        yield model
 
 
 def save_adapter(model: DiffusionLM, folder: Path) -> None:

@@ -1,6 +1,7 @@
 """RL on several ranks with real torchrun processes on gloo: TraceRL with the value model and a
-frozen KL reference, 2 ranks x accumulation 1 against 1 rank x accumulation 2 on the same prompt
-groups, and exact resume at 2 ranks."""
+KL reference synced toward the policy every 2 steps, 2 ranks x accumulation 1 against 1 rank x
+accumulation 2 on the same prompt groups, and exact resume at 2 ranks (the reference's shards are
+in the checkpoint: resuming after step 2 needs the synced one)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from tracerl.train.metrics import read_metrics
 RUN = TASK + ["rollout.num_prompts=4", "rollout.group_size=4", "rollout.sampling.max_new_tokens=8",
               "rollout.sampling.temperature=1.0", "loop.micro_batch=4", "optim.lr=1e-3", "max_steps=3",
               "save_every=1", "value.enabled=true", "policy.filter_equal=false", "policy.beta=0.01",
-              "policy.kl_reference=initial", "loop.report_to=[none]"]
+              "policy.kl_reference=initial", "policy.ref_model_sync_steps=2", "policy.ref_model_mixup_alpha=0.5",
+              "loop.report_to=[none]"]
 COMPARED = ("reward_mean", "accuracy", "response_length", "kept_fraction", "policy_loss", "value_loss",
-            "grad_norm", "explained_variance")
+            "grad_norm", "explained_variance", "ref_kl")
 
 
 def comparable(rows: list[dict]) -> list[dict]:
