@@ -73,14 +73,7 @@ def save_checkpoint(output_dir: str | Path, step: int, model: DiffusionLM, train
     path = checkpoints_dir(output_dir) / f"step-{step:08d}"
     with writing(path):
         with atomic_folder(path) as tmp:
-            if lora.is_lora(model):
-                if lora.lora_config(model).merge_on_save:
-                    lora.merged_copy(model).write_files(tmp)  # a plain HF folder: load_model reads it
-                else:
-                    model.tokenizer.save_pretrained(tmp)
-                lora.save_adapter(model, tmp / "adapter")  # the live adapter: what resume restores
-            else:
-                model.write_files(tmp)
+            write_model_files(model, tmp)
             # Through a Python file: a full disk then reaches us as an OSError (torch's own writer
             # reports it as "unexpected pos ..." twice over).
             with (tmp / "trainer_state.pt").open("wb") as f:
@@ -90,6 +83,19 @@ def save_checkpoint(output_dir: str | Path, step: int, model: DiffusionLM, train
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def write_model_files(model: DiffusionLM, folder: Path) -> None:
+    """A checkpoint's model files: the HF folder, or for LoRA the merged weights (unless
+    ``lora.merge_on_save`` is off) and the live adapter in ``adapter/`` (what resume restores)."""
+    if not lora.is_lora(model):
+        model.write_files(folder)
+        return
+    if lora.lora_config(model).merge_on_save:
+        lora.merged_copy(model).write_files(folder)  # a plain HF folder: load_model reads it
+    else:
+        model.tokenizer.save_pretrained(folder)
+    lora.save_adapter(model, folder / "adapter")
 
 
 @contextlib.contextmanager

@@ -116,6 +116,17 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _slice_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as this rank holds ``like``: its local shard when ``like`` is sharded and
+    ``tensor`` is whole (sliced here, no communication), else its local tensor."""
+    if hasattr(like, "device_mesh") and not hasattr(tensor, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(tensor.detach().to(like.device), like.device_mesh, like.placements,
+                                 src_data_rank=None).to_local()
+    return local_tensor(tensor)
+
+
 def _load_weights(model: DiffusionLM, path: Path) -> None:
     """Load ``path/model.safetensors`` into ``model``'s backbone, refusing another model's."""
     weights = load_file(str(path / "model.safetensors"))
@@ -182,17 +193,15 @@ class TrainingRun:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.inference: DiffusionLM | None = None
         if self.world.distributed:
-            if lora.is_lora(model):
-                raise ConfigError("lora.enabled: LoRA is not supported with several ranks yet; train LoRA on one "
-                                  "rank, or train all weights on several")
             # The "hybrid engine" of verl: an unsharded copy per rank for generation, refreshed from the
             # shards before each use (sync_inference).  Generation runs a different number of
             # forwards on every rank, which the sharded model cannot: its forwards are collectives.
             # It keeps the policy's requires_grad flags: models built from it (a value model's copy
             # of the backbone) train what the policy trains; generation runs under no_grad.
-            # Made only for runs that generate or build models from the policy (``generates``).
-            if generates:
-                self.inference = deepcopy(model).eval()
+            # Made only for runs that generate or build models from the policy (``generates``), and
+            # for LoRA, whose checkpoints merge the adapter into the weights on rank 0 from it.
+            if generates or lora.is_lora(model):
+                self.inference = (lora.lora_copy(model) if lora.is_lora(model) else deepcopy(model)).eval()
                 if self._bf16():  # generation in bf16, as on one GPU (the fp32 masters stay in the shards)
                     self.inference.to(torch.bfloat16)
             self._shard(model, POLICY_FORWARDS)
@@ -250,14 +259,19 @@ class TrainingRun:
         rank mixes its own shards (the copy is sharded as the policy is)."""
         if name not in self.tracking:
             raise ValueError(f"sync_frozen: {name!r} was not added with tracks_policy=True")
-        source = lora.merged_copy(self.model) if lora.is_lora(self.model) else self.model
         frozen = self.frozen[name]
+        if not lora.is_lora(self.model):
+            source = self.model
+        elif self.sharded:  # merged from the gathered inference copy (bf16 on GPU); each rank mixes its slice
+            source = lora.merged_copy(self.sync_inference())
+        else:
+            source = lora.merged_copy(self.model)
         if self.sharded:
             reshard(source), reshard(frozen)
         policy = dict(source.named_parameters())
         with torch.no_grad():
             for key, weight in frozen.named_parameters():
-                w, p = local_tensor(weight), local_tensor(policy[key])
+                w, p = local_tensor(weight), _slice_like(policy[key], weight)
                 if w.shape != p.shape:
                     raise RuntimeError(f"sync_frozen: {key} is sharded as {tuple(w.shape)} in {name!r} and as "
                                        f"{tuple(p.shape)} in the policy")
@@ -478,11 +492,17 @@ class TrainingRun:
         if self.world.any(bool(bad)):  # never persist a broken model; every rank takes this branch
             raise TrainingDiverged(f"non-finite weights{' in ' + bad[0] if bad else ''} at step {self.step}; "
                                    f"checkpoint not written; last good checkpoint: {self.last_checkpoint or 'none'}")
-        state = {"lora": False, "trainable": self._trainable(), "run_config": self.run_config, **extra_state}
+        state = {"lora": lora.is_lora(self.model), "trainable": self._trainable(), "run_config": self.run_config,
+                 **extra_state}
         full = ckpt.full_model_state(self.model)  # every rank takes part; rank 0 gets the weights
         prefix = "backbone."
 
         def write_main(folder: Path) -> None:  # an HF folder of the whole model, as one rank writes it
+            if lora.is_lora(self.model):  # merged weights + adapter, from an fp32 CPU copy of the policy
+                export = lora.lora_copy(self.inference).to("cpu", torch.float32)
+                export.load_state_dict(full)
+                ckpt.write_model_files(export, folder)
+                return
             self.model.write_files(folder, {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
 
         return ckpt.save_sharded_checkpoint(self.output_dir, self.step, self.world, self._sharded_modules(), state,

@@ -101,6 +101,18 @@ def merged_copy(model: DiffusionLM) -> DiffusionLM:
     return DiffusionLM(backbone, model.tokenizer, model.spec)
 
 
+def lora_copy(model: DiffusionLM) -> DiffusionLM:
+    """A deep copy that is a LoRA model in its own right (its adapter live, registered here):
+    merged_copy, save_adapter and base_copy work on it, e.g. the unsharded inference copy of a
+    sharded LoRA policy."""
+    peft_wrapper(model)  # a LoRA model, or a clear error
+    wrapper, config = _WRAPPERS[model.backbone]
+    copied = copy.deepcopy(wrapper)
+    backbone = copied.base_model.model
+    _WRAPPERS[backbone] = (copied, config)
+    return DiffusionLM(backbone, model.tokenizer, model.spec)
+
+
 def base_copy(model: DiffusionLM) -> DiffusionLM:
     """A plain copy of the model *without* its adapter (the frozen base weights), e.g. the
     backbone of a value model of its own, or a KL reference that later takes merged weights."""

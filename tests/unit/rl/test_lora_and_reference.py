@@ -15,11 +15,10 @@ from tracerl.config import load_config
 from tracerl.errors import ConfigError
 from tracerl.models import load_model
 from tracerl.objectives import ValueModel
-from tracerl.recipes.rl import check_rl_config, check_rl_world, run_rl
+from tracerl.recipes.rl import check_rl_config, run_rl
 from tracerl.rl import RLConfig
 from tracerl.train import checkpoint as ckpt
 from tracerl.train import lora
-from tracerl.train.distributed import World
 from tracerl.train.loop import LoopConfig, TrainingRun
 from tracerl.train.metrics import read_metrics
 from tracerl.train.optim import OptimConfig
@@ -170,9 +169,3 @@ def test_bad_reference_and_lora_options_fail_before_any_work(overrides, message)
     with pytest.raises(ConfigError, match=message):
         check_rl_config(load_config(RLConfig, None, overrides))
 
-
-def test_lora_on_several_ranks_is_refused_before_any_weights_load():
-    two = World(rank=0, size=2)
-    for key in ("lora.enabled=true", "value.lora.enabled=true"):
-        with pytest.raises(ConfigError, match=f"{key.split('=')[0]}: LoRA is not supported with several ranks"):
-            check_rl_world(load_config(RLConfig, None, [key, "value.enabled=true"]), two)

@@ -81,3 +81,25 @@ def test_what_several_ranks_cannot_split_is_refused_before_any_work():
     with pytest.raises(ConfigError, match="value.share_backbone"):
         check_rl_world(load_config(RLConfig, None, RUN + ["value.share_backbone=true"]), two)
     check_rl_world(load_config(RLConfig, None, RUN + ["rollout.num_prompts=3", "value.share_backbone=true"]), World())
+
+
+@pytest.mark.parametrize("reference", [
+    ["policy.ref_model_sync_steps=0"],  # the policy with its adapter off
+    ["policy.ref_model_sync_steps=2"],  # a frozen copy, mixed with the merged policy after step 2
+])
+def test_lora_policy_and_value_model_on_two_ranks_equal_one_rank(tmp_path, reference):
+    lora = ["lora.enabled=true", "lora.r=4", "value.lora.enabled=true", "value.lora.r=4", "value.lr=1e-3", *reference]
+    two_ranks(tmp_path / "two", *lora)
+    run_rl(load_config(RLConfig, None, RUN + lora + [f"output_dir={tmp_path / 'one'}", "loop.accumulation=2"]),
+           progress=False)
+    two, one = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(two, one):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["step"], key)
+    assert two[2]["ref_kl"] > 0
+    adapter = "step-00000003/adapter/adapter_model.safetensors"
+    wa, wb = (load_file(str(run / "checkpoints" / adapter)) for run in (tmp_path / "two", tmp_path / "one"))
+    assert wa.keys() == wb.keys() and any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in wa.items())
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)

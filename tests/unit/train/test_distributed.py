@@ -6,6 +6,7 @@ exported HF folder, and the refusals of bad launches."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,40 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path):
     finally:
         held.release()
     assert not (tmp_path / "busy" / "metrics.jsonl").exists()
+
+
+def test_lora_on_two_ranks_equals_one_rank_and_resumes_exactly(tmp_path):
+    """LoRA under FSDP2: the adapters train sharded beside the frozen base; 2 ranks equal 1 rank
+    with doubled accumulation, the checkpoint holds the adapter and the merged weights (gathered
+    to rank 0), and a resume from the shards ends where the uninterrupted run ends."""
+    adapter = {"enabled": True, "r": 4, "alpha": 8}
+    cfg = {**rank_config(tmp_path, "two", accumulation=1), "lora": adapter, "max_steps": 4}
+    done = torchrun.run(["sft", str(write_config(tmp_path / "two.yaml", cfg))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = run_sft(make({**rank_config(tmp_path, "one", accumulation=2), "lora": adapter, "max_steps": 4}),
+                  progress=False)
+    two_rows, one_rows = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    assert [r["step"] for r in two_rows] == [1, 2, 3, 4]
+    for a, b in zip(two_rows, one_rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    two_final, one_final = final(tmp_path / "two"), Path(one["final_checkpoint"])
+    ad2 = load_file(str(two_final / "adapter" / "adapter_model.safetensors"))
+    ad1 = load_file(str(one_final / "adapter" / "adapter_model.safetensors"))
+    assert ad2.keys() == ad1.keys() and any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in ad2.items())
+    for k in ad2:
+        torch.testing.assert_close(ad2[k], ad1[k], rtol=0, atol=1e-5, msg=k)
+    merged2, merged1 = load_file(str(two_final / "model.safetensors")), load_file(str(one_final / "model.safetensors"))
+    assert merged2.keys() == merged1.keys() and not any("lora" in k for k in merged2)
+    for k in merged2:
+        torch.testing.assert_close(merged2[k], merged1[k], rtol=0, atol=1e-5, msg=k)
+    assert torch.load(two_final / "trainer_state.pt", weights_only=False)["lora"] is True
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(final(resumed))  # as if killed after step 2's checkpoint
+    done = torchrun.run(["sft", str(write_config(tmp_path / "resumed.yaml", {**cfg, "output_dir": str(resumed)})),
+                         "resume=true"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert comparable(read_metrics(resumed / "metrics.jsonl")) == comparable(two_rows)
+    again = load_file(str(final(resumed) / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(again[k], ad2[k]) for k in ad2)
