@@ -85,9 +85,6 @@ def check_rl_world(config: RLConfig, world: distributed.World) -> None:
     if config.rollout.num_prompts % world.size:
         raise ConfigError(f"rollout.num_prompts: {config.rollout.num_prompts} prompt groups do not split over "
                           f"{world.size} ranks; use a multiple of {world.size}")
-    if world.distributed and config.value.enabled and config.value.share_backbone:
-        raise ConfigError("value.share_backbone: not supported with several ranks yet (the head would train "
-                          "outside the policy's shards); use a separate value backbone")
 
 
 def run_rl(config: RLConfig, *, progress: bool | str = True) -> dict:

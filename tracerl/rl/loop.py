@@ -84,8 +84,10 @@ def _add_value_model(config: RLConfig, run: TrainingRun, policy) -> None:
         base = lora.base_copy(policy)
         base.backbone.requires_grad_(not v.lora.enabled)
         value_model = ValueModel(base, copy_backbone=False)
+    elif v.share_backbone:  # the policy being trained (sharded on several ranks), not its inference copy
+        value_model = ValueModel(run.model, share_backbone=True)
     else:
-        value_model = ValueModel(policy, share_backbone=v.share_backbone)
+        value_model = ValueModel(policy)
     if v.lora.enabled:  # adapters on its own backbone; the head trains in full
         lora.apply_lora(value_model.lm, v.lora, seed=config.seed + 1)
     params = list(value_model.value_head.parameters()) if v.share_backbone else list(value_model.parameters())
@@ -110,7 +112,7 @@ def _add_value_model(config: RLConfig, run: TrainingRun, policy) -> None:
         value_model.load_state_dict(loaded.state_dict())
 
     run.add_trained(VALUE, value_model, params, OptimConfig(lr=v.lr, grad_clip=config.optim.grad_clip),
-                    save=save, load=load, forward_methods=("values",))
+                    save=save, load=load, forward_methods=("values",), replicated=v.share_backbone)
 
 
 def sync_reference(config: RLConfig, run: TrainingRun) -> bool:

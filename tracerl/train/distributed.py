@@ -98,6 +98,12 @@ class World:
         _collective("all_reduce", torch.distributed.all_reduce, out)
         return out.to(t.device)
 
+    def broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` overwritten in place with rank 0's values (a tensor on this rank's device)."""
+        if self.distributed:
+            _collective("broadcast", torch.distributed.broadcast, t.data, 0)
+        return t
+
     def max(self, value: int) -> int:
         if not self.distributed:
             return value

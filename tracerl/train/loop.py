@@ -148,6 +148,7 @@ class _Trained:
     optimizer: Optimizer
     save: Callable[[Path], None]  # write the weights into a new folder
     load: Callable[[Path], None]  # restore them from that folder
+    replicated: bool = False  # several ranks: whole on every rank, gradients summed before each step
 
 
 class TrainingRun:
@@ -220,18 +221,24 @@ class TrainingRun:
     # -- models ---------------------------------------------------------------------------
     def add_trained(self, name: str, module: torch.nn.Module, params, optim: OptimConfig, *,
                     save: Callable[[Path], None], load: Callable[[Path], None],
-                    forward_methods: tuple[str, ...] = ()) -> torch.nn.Module:
+                    forward_methods: tuple[str, ...] = (), replicated: bool = False) -> torch.nn.Module:
         """Train ``params`` of ``module`` with their own optimizer (same step count and schedule
         shape as the policy's), checkpointed in ``checkpoints/NAME-N`` by ``save``/``load``.
         Several ranks: ``module`` (built from ``unsharded_policy``) is sharded and all its
         trainable parameters are trained; it is checkpointed in the run's shards, and
-        ``forward_methods`` are the methods its users call."""
+        ``forward_methods`` are the methods its users call.  ``replicated``: a small module on top
+        of the sharded policy (a value head on the shared backbone), not sharded: every rank holds
+        it whole and its gradients are summed over the ranks before each step."""
         if name in ("step", "policy") or name in self.trained or "-" in name:
             raise ValueError(f"trained model name {name!r}: taken or invalid")
-        if self.world.distributed:  # sharded like the policy; its parameters are the shards now
+        if self.world.distributed and not replicated:  # sharded like the policy; its parameters are the shards now
             self._shard(module.to(self.model.dtype), forward_methods)
             params = [p for p in module.parameters() if p.requires_grad]
-        self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load)
+        elif replicated and self.world.distributed:
+            with torch.no_grad():  # every rank starts from rank 0's weights
+                for tensor in [*params, *module.buffers()]:
+                    self.world.broadcast_tensor(tensor)
+        self.trained[name] = _Trained(module, Optimizer(params, optim, self.max_steps), save, load, replicated)
         return module
 
     def add_frozen_copy(self, name: str, *, tracks_policy: bool = False) -> DiffusionLM:
@@ -462,6 +469,12 @@ class TrainingRun:
     # -- stepping -------------------------------------------------------------------------
     def update(self, loss_value: float, model: str = "policy") -> dict:
         """One optimizer step of ``model`` (its gradients are in ``.grad``), at this step's LR."""
+        trained = self.trained.get(model)
+        if trained is not None and trained.replicated and self.world.distributed:
+            for param in trained.optimizer.params:  # each rank's share of the batch -> the batch's
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad.copy_(self.world.sum_tensor(param.grad))
         try:
             return self._optimizer(model).step(self.step, loss_value)
         except TrainingDiverged as e:

@@ -78,9 +78,7 @@ def test_what_several_ranks_cannot_split_is_refused_before_any_work():
     check_rl_world(load_config(RLConfig, None, RUN), two)
     with pytest.raises(ConfigError, match="rollout.num_prompts: 3 prompt groups do not split over 2 ranks"):
         check_rl_world(load_config(RLConfig, None, RUN + ["rollout.num_prompts=3"]), two)
-    with pytest.raises(ConfigError, match="value.share_backbone"):
-        check_rl_world(load_config(RLConfig, None, RUN + ["value.share_backbone=true"]), two)
-    check_rl_world(load_config(RLConfig, None, RUN + ["rollout.num_prompts=3", "value.share_backbone=true"]), World())
+    check_rl_world(load_config(RLConfig, None, RUN + ["rollout.num_prompts=3"]), World())
 
 
 @pytest.mark.parametrize("reference", [
@@ -103,3 +101,22 @@ def test_lora_policy_and_value_model_on_two_ranks_equal_one_rank(tmp_path, refer
     assert wa.keys() == wb.keys() and any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in wa.items())
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_a_value_head_on_the_shared_backbone_trains_on_two_ranks_as_on_one(tmp_path):
+    """value.share_backbone: the head is whole on every rank on top of the sharded policy, its
+    gradients summed over the ranks; it is saved in the shards and resumed from them."""
+    shared = ["value.share_backbone=true", "value.lr=1e-2"]
+    two_ranks(tmp_path / "two", *shared)
+    run_rl(load_config(RLConfig, None, RUN + shared + [f"output_dir={tmp_path / 'one'}", "loop.accumulation=2"]),
+           progress=False)
+    two, one = read_metrics(tmp_path / "two" / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    for a, b in zip(two, one):
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["step"], key)
+    assert len({r["value_loss"] for r in two}) == 3  # the head moves
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-00000003")
+    two_ranks(resumed, *shared, "resume=true")
+    assert comparable(read_metrics(resumed / "metrics.jsonl")) == comparable(two)
