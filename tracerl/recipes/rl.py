@@ -44,6 +44,9 @@ def check_rl_config(config: RLConfig, model=None) -> Algorithm:
         raise ConfigError(f"policy.ref_model_sync_steps: syncs the frozen KL reference, which this run does not have "
                           f"(kl_reference={p.kl_reference}, beta={p.beta}); set policy.kl_reference=initial and "
                           f"policy.beta > 0, or ref_model_sync_steps=0")
+    if p.ref_model_sync_steps > config.max_steps:
+        raise ConfigError(f"policy.ref_model_sync_steps={p.ref_model_sync_steps}: the first sync would come after the "
+                          f"last step (max_steps={config.max_steps}); use fewer steps between syncs, or 0")
     if config.value.lora.enabled and not config.value.enabled:
         raise ConfigError("value.lora.enabled: there is no value model (value.enabled=false)")
     if config.value.lora.enabled and config.value.share_backbone:

@@ -68,26 +68,25 @@ class TargetIndex:
 def setup_models(config: RLConfig, run: TrainingRun) -> None:
     """Give the run the models this config trains or reads besides the policy (call before
     resume): the value model, and the frozen KL reference."""
-    policy = run.unsharded_policy()
     if config.value.enabled:
-        _add_value_model(config, run, policy)
+        _add_value_model(config, run)
     p = config.policy
-    if p.kl_reference == "initial" and p.beta > 0 and (p.ref_model_sync_steps or not lora.is_lora(policy)):
+    if p.kl_reference == "initial" and p.beta > 0 and (p.ref_model_sync_steps or not lora.is_lora(run.model)):
         # A LoRA policy that never syncs needs no copy: its reference is itself with the adapter off.
         run.add_frozen_copy(REFERENCE, tracks_policy=p.ref_model_sync_steps > 0)
 
 
-def _add_value_model(config: RLConfig, run: TrainingRun, policy) -> None:
+def _add_value_model(config: RLConfig, run: TrainingRun) -> None:
     v = config.value
-    if lora.is_lora(policy) and not v.share_backbone:
-        # Its own backbone starts from the policy's base weights, not from the policy's adapter layers.
-        base = lora.base_copy(policy)
-        base.backbone.requires_grad_(not v.lora.enabled)
-        value_model = ValueModel(base, copy_backbone=False)
-    elif v.share_backbone:  # the policy being trained (sharded on several ranks), not its inference copy
+    if v.share_backbone:  # the policy being trained (sharded on several ranks), not its inference copy
         value_model = ValueModel(run.model, share_backbone=True)
     else:
-        value_model = ValueModel(policy)
+        # A backbone of its own, from the policy's weights; a LoRA policy's base weights, all trainable
+        # (or frozen under the value model's own adapters), never the policy's adapter layers.
+        backbone = run.policy_copy(base=True)
+        if lora.is_lora(run.model):
+            backbone.backbone.requires_grad_(True)
+        value_model = ValueModel(backbone, copy_backbone=False)
     if v.lora.enabled:  # adapters on its own backbone; the head trains in full
         lora.apply_lora(value_model.lm, v.lora, seed=config.seed + 1)
     params = list(value_model.value_head.parameters()) if v.share_backbone else list(value_model.parameters())
@@ -96,9 +95,13 @@ def _add_value_model(config: RLConfig, run: TrainingRun, policy) -> None:
         if not v.lora.enabled:
             return value_model.save_pretrained(folder)
         # As a LoRA policy checkpoint: merged weights (a value model ValueModel.from_pretrained
-        # loads) and the live adapter in adapter/ (what resume restores).
+        # loads; unless value.lora.merge_on_save=false), the head, and the live adapter in
+        # adapter/ (what resume restores).
         with atomic_folder(folder) as tmp:
-            lora.merged_copy(value_model.lm).write_files(tmp)
+            if v.lora.merge_on_save:
+                lora.merged_copy(value_model.lm).write_files(tmp)
+            else:
+                value_model.lm.tokenizer.save_pretrained(tmp)
             value_model.save_head(tmp)
             lora.save_adapter(value_model.lm, tmp / "adapter")
 

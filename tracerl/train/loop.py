@@ -250,10 +250,9 @@ class TrainingRun:
             raise RuntimeError("add_frozen_copy: the copy must be made before the run resumes")
         if name in ("step", "policy") or name in self.trained or name in self.frozen or "-" in name:
             raise ValueError(f"frozen model name {name!r}: taken or invalid")
-        policy = self.unsharded_policy()
-        copy = _frozen(lora.base_copy(policy) if lora.is_lora(policy) else deepcopy(policy))
+        copy = _frozen(self.policy_copy(base=True))
         if self.world.distributed:
-            self._shard(copy.to(self.model.dtype), POLICY_FORWARDS)
+            self._shard(copy, POLICY_FORWARDS)
         self.frozen[name] = copy
         if tracks_policy:
             self.tracking.append(name)
@@ -267,22 +266,37 @@ class TrainingRun:
         if name not in self.tracking:
             raise ValueError(f"sync_frozen: {name!r} was not added with tracks_policy=True")
         frozen = self.frozen[name]
-        if not lora.is_lora(self.model):
-            source = self.model
-        elif self.sharded:  # merged from the gathered inference copy (bf16 on GPU); each rank mixes its slice
-            source = lora.merged_copy(self.sync_inference())
-        else:
-            source = lora.merged_copy(self.model)
         if self.sharded:
-            reshard(source), reshard(frozen)
-        policy = dict(source.named_parameters())
+            reshard(frozen), reshard(self.model)
+        if not lora.is_lora(self.model):
+            policy = dict(self.model.named_parameters())
+        else:  # merged one layer at a time; several ranks: from the gathered inference copy (bf16 on GPU)
+            policy = lora.merged_parameters(self.sync_inference() if self.sharded else self.model)
         with torch.no_grad():
             for key, weight in frozen.named_parameters():
-                w, p = local_tensor(weight), _slice_like(policy[key], weight)
+                source = policy[key]() if callable(policy[key]) else policy[key]
+                w, p = local_tensor(weight), _slice_like(source, weight)
                 if w.shape != p.shape:
                     raise RuntimeError(f"sync_frozen: {key} is sharded as {tuple(w.shape)} in {name!r} and as "
                                        f"{tuple(p.shape)} in the policy")
                 w.lerp_(p.to(w.dtype), alpha)  # exact at alpha = 1 (torch's lerp)
+
+    def policy_copy(self, *, base: bool = False) -> DiffusionLM:
+        """A new unsharded copy of the policy's current weights in the policy's master precision
+        (every rank calls it), e.g. a frozen reference or a value model's own backbone.  A LoRA
+        policy gives a LoRA copy, or with ``base`` its base weights as a plain model.  Several
+        ranks: built from the inference copy, then loaded with the full-precision weights
+        gathered from the shards (the inference copy is bf16 on GPU)."""
+        source = self.unsharded_policy()
+        copy = lora.lora_copy(source) if lora.is_lora(source) else deepcopy(source)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            copy.to(self.model.dtype)
+            copy.load_state_dict(get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True)))
+        for param in copy.parameters():
+            param.grad = None
+        return lora.base_copy(copy) if base and lora.is_lora(copy) else copy
 
     def evaluate(self, fn: Callable[[DiffusionLM], dict]) -> dict:
         """``fn(model)`` with the current weights (periodic evaluation); several ranks: on rank 0

@@ -130,6 +130,27 @@ def adapter_disabled(model: DiffusionLM):
         yield model
 
 
+def merged_parameters(model: DiffusionLM) -> dict:
+    """``{name: tensor}`` of the model as ``merged_copy`` would have it (names without peft's
+    ``base_layer``/``lora_*`` parts), without copying the model: an adapted layer's entry is a
+    function that computes its merged weight when called, the others are the live tensors.
+    One merged weight at a time is what a weight update (a synced KL reference) needs."""
+    peft_wrapper(model)
+    adapted = {name: module for name, module in model.named_modules() if hasattr(module, "get_delta_weight")}
+    out = {}
+    for name, param in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        owner, _, leaf = name.rpartition(".base_layer.")
+        if owner in adapted and leaf:
+            layer = adapted[owner]
+            out[f"{owner}.{leaf}"] = (lambda layer=layer, param=param: param + sum(
+                layer.get_delta_weight(a) for a in layer.active_adapters)) if leaf == "weight" else param
+        else:
+            out[name] = param
+    return out
+
+
 def save_adapter(model: DiffusionLM, folder: Path) -> None:
     peft_wrapper(model).save_pretrained(str(folder))
 

@@ -67,8 +67,8 @@ def test_sync_frozen_mixes_the_policy_into_the_reference(tmp_path):
     assert all(not torch.equal(w, start[k]) for k, w in ref.named_parameters())  # every weight moved
     run.sync_frozen("reference", 1.0)
     assert all(torch.equal(w, policy[k]) for k, w in ref.named_parameters())  # alpha = 1 copies, exactly
+    run.add_frozen_copy("fixed")
     with pytest.raises(ValueError, match="tracks_policy"):
-        run.add_frozen_copy("fixed")
         run.sync_frozen("fixed", 0.5)
 
 
@@ -109,7 +109,8 @@ def test_lora_rl_moves_the_reward_of_a_file_outside_the_project(tmp_path, start)
     """The start answers "Pick i:" with 7 or 8; LoRA adapters (policy and value model, KL against
     the adapter-off base) learn to say 7 (measured: 0.12 -> 1.3 in 6 steps at lr 1e-2)."""
     out = tmp_path / "run"
-    run_rl(load_config(RLConfig, None, start + RUN + LORA + ["max_steps=6", f"output_dir={out}"]), progress=False)
+    run_rl(load_config(RLConfig, None, start + RUN + LORA + ["max_steps=6", f"output_dir={out}", "loop.micro_batch=32"]),
+           progress=False)
     rows = read_metrics(out / "metrics.jsonl")
     first, last = rows[0]["reward_mean"], sum(r["reward_mean"] for r in rows[-2:]) / 2
     assert first < 0.5 and last > first + 0.5, [r["reward_mean"] for r in rows]
@@ -125,9 +126,12 @@ def _stable(rows):
     ("lora", LORA),
     ("synced-reference", ["policy.kl_reference=initial", "policy.beta=0.05", "policy.ref_model_sync_steps=1",
                           "policy.ref_model_mixup_alpha=0.6", "optim.lr=3e-3", "value.enabled=true"]),
+    # a LoRA policy mixed into a synced reference (merged weights), a plain value model on its base
+    ("lora-synced-plain-value", ["lora.enabled=true", "value.enabled=true", "value.lr=1e-4", "policy.beta=0.05",
+                                 "policy.kl_reference=initial", "policy.ref_model_sync_steps=1", "optim.lr=1e-2"]),
 ])
 def test_exact_resume_after_kill_9(tmp_path, start, name, extra):
-    base = start + RUN + extra + ["max_steps=3", "save_every=1"]
+    base = start + RUN + extra + ["max_steps=3", "save_every=1", "loop.micro_batch=32"]  # one update per step
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_rl(load_config(RLConfig, None, base + [f"output_dir={straight}"]), progress=False)
     kill_after_checkpoint(["rl", *base, f"output_dir={killed}"], killed, step=1)
@@ -136,7 +140,10 @@ def test_exact_resume_after_kill_9(tmp_path, start, name, extra):
     assert [r["step"] for r in a] == [1, 2, 3] and a == b
     assert a[0]["ref_kl"] == 0.0 < a[2]["ref_kl"]  # the reference is the start, then differs from the policy
     for folder in ("step-00000003", "value-00000003") + (("reference-00000003",) if name != "lora" else ()):
-        for file in ("model.safetensors", "adapter/adapter_model.safetensors") if name == "lora" else ("model.safetensors",):
+        files = ["model.safetensors"]
+        if name.startswith("lora") and (folder.startswith("step") or name == "lora"):
+            files.append("adapter/adapter_model.safetensors")
+        for file in files:
             x, y = (load_file(ckpt.checkpoints_dir(out) / folder / file) for out in (straight, killed))
             assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), (folder, file)
 
@@ -164,6 +171,8 @@ def test_the_synced_reference_is_the_mix_of_the_policies_it_saw(tmp_path, start)
     (["value.lora.enabled=true"], "value.lora.enabled: there is no value model"),
     (["value.lora.enabled=true", "value.enabled=true", "value.share_backbone=true"], "a backbone of its own"),
     (["lora.rank=4"], "lora.rank"),
+    (["policy.ref_model_sync_steps=30", "policy.kl_reference=initial", "policy.beta=0.1", "max_steps=20"],
+     "the first sync would come after the last step"),
 ])
 def test_bad_reference_and_lora_options_fail_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
