@@ -10,6 +10,10 @@ Padding is described by a boolean ``valid`` tensor (False = padding).  Padded ke
 attended.  A query row that would attend nothing (a padding row) gets a self-loop so softmax never
 sees an all-masked row (which gives NaN); such rows' outputs are garbage by construction and are
 never read.
+
+``flex_block_mask`` states the same rules for FlexAttention (GPU training, ``loop.attention=flex``):
+a ``mask_mod`` reading per-token positions and segments, so memory grows with the tokens and the
+128 x 128 tiles, not with a dense ``(L, L)`` mask per row.
 """
 
 from __future__ import annotations
@@ -161,3 +165,59 @@ def two_copy_mask(
 
     allowed = clean_stream | noisy_sees_earlier_blocks | noisy_sees_own_block
     return _finish(allowed, segments != PAD, self_loop=True)
+
+
+def _flex_rule(kind: str, positions: torch.Tensor, segments: torch.Tensor, block_size: int):
+    """``mask_mod(b, h, q, kv)`` of a mask kind: the dense builders' rule for one (query, key)
+    pair, read from ``positions``/``segments`` ``(B, L)``; padding keys are never attended."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+
+    def block(b, i):
+        return torch.div(positions[b, i], block_size, rounding_mode="floor")
+
+    def key_valid(b, kv):
+        return segments[b, kv] != PAD
+
+    if kind == "two_copy":
+        def rule(b, h, q, kv):
+            qs, ks, qb, kb = segments[b, q], segments[b, kv], block(b, q), block(b, kv)
+            clean_key = (ks == PROMPT) | (ks == CLEAN)
+            clean_stream = ((qs == PROMPT) | (qs == CLEAN)) & clean_key & (kb <= qb)
+            noisy = (qs == NOISY) & ((clean_key & (kb < qb)) | ((ks == NOISY) & (kb == qb)))
+            return clean_stream | noisy
+    elif kind == "block":
+        def rule(b, h, q, kv):
+            return (block(b, kv) <= block(b, q)) & key_valid(b, kv)
+    elif kind == "causal":
+        def rule(b, h, q, kv):
+            return (positions[b, kv] <= positions[b, q]) & key_valid(b, kv)
+    elif kind == "full":
+        def rule(b, h, q, kv):
+            return key_valid(b, kv)
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}; valid: two_copy, block, full, causal")
+    return rule
+
+
+def flex_block_mask(kind: str, positions: torch.Tensor, segments: torch.Tensor, block_size: int):
+    """The self-attention mask of a training batch as a FlexAttention ``BlockMask``: the same
+    who-sees-whom as ``two_copy_mask`` / ``mask_for_attention`` for every valid query (tested
+    pair by pair).  Padding query rows get no self-loop: FlexAttention returns zeros for a row
+    that attends nothing, and those rows are never read."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = positions.shape
+    return create_block_mask(_flex_rule(kind, positions, segments, block_size), batch, None, length, length,
+                             device=positions.device)
+
+
+def flex_rule_dense(kind: str, positions: torch.Tensor, segments: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``flex_block_mask``'s rule evaluated at every (query, key) pair, ``(B, 1, L, L)``: what the
+    BlockMask means, to compare with the dense masks (tests, debugging)."""
+    batch, length = positions.shape
+    rule = _flex_rule(kind, positions, segments, block_size)
+    b = torch.arange(batch)[:, None, None]
+    q = torch.arange(length)[None, :, None]
+    kv = torch.arange(length)[None, None, :]
+    return rule(b, 0, q, kv).expand(batch, length, length)[:, None]

@@ -73,3 +73,22 @@ def test_serve_load_script_runs_with_zero_errors():
         assert r["requests"] == 12 and r["errors"] == 0 and r["mismatched"] == 0
         assert 0 < r["p50_s"] <= r["p99_s"] and r["tokens_per_s"] > 0
     assert runs[1]["throughput_ratio"] == pytest.approx(runs[1]["tokens_per_s"] / runs[0]["tokens_per_s"])
+
+
+def test_train_gpu_script_runs_on_cpu_with_a_tiny_shape():
+    """benchmarks/train_gpu.py (sdpa vs FlexAttention training step, the GPU figure) runs its flex
+    forward on CPU with the same first loss as dense SDPA, a full sdpa step, and refuses a flex
+    backward on CPU in one line."""
+    script = str(Path(__file__).resolve().parents[2] / "benchmarks" / "train_gpu.py")
+    base = [sys.executable, script, "--tiny", "--device", "cpu", "--prompt", "9", "--response", "14", "--json"]
+    forward = subprocess.run(base + ["--forward-only"], capture_output=True, text=True, timeout=300)
+    assert forward.returncode == 0, forward.stderr
+    data = json.loads(forward.stdout.strip().splitlines()[-1])
+    sdpa, flex = data["runs"]
+    assert (sdpa["attention"], flex["attention"]) == ("sdpa", "flex") and flex["tokens_per_s"] > 0
+    assert abs(sdpa["first_loss"] - flex["first_loss"]) < 1e-5 * abs(sdpa["first_loss"])
+    step = subprocess.run(base + ["--attention", "sdpa", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert step.returncode == 0, step.stderr
+    assert json.loads(step.stdout.strip().splitlines()[-1])["runs"][0]["tokens_per_s"] > 0
+    refused = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "no backward pass on CPU" in refused.stderr

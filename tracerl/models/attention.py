@@ -7,14 +7,16 @@ kernels reject ``enable_gqa`` with a mask.  PyTorch's CPU kernels accept it, so 
 SDPA with ``enable_gqa=True`` on the unexpanded keys: the same kernel and the same numbers
 (bitwise, forward and backward: tests/unit/models/test_attention.py) without the expanded copy,
 about 15-20% less sampling time for the tiny presets.  Everything else (CUDA, no mask, equal
-head counts) goes to transformers' own ``sdpa`` unchanged.  The name lives only in memory:
-``save_pretrained`` does not write it, so checkpoints load anywhere.
+head counts) goes to transformers' own ``sdpa`` unchanged.  A FlexAttention ``BlockMask``
+(``masks.flex_block_mask``, the GPU training path) goes to ``flex_attention``.  The name lives
+only in memory: ``save_pretrained`` does not write it, so checkpoints load anywhere.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -25,6 +27,12 @@ ATTENTION = "tracerl_sdpa"
 def tracerl_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs):
+    if isinstance(attention_mask, BlockMask):  # masks.flex_block_mask: the training path of loop.attention=flex
+        if dropout:
+            raise ValueError("FlexAttention path: attention dropout is not supported (set it to 0)")
+        out = _flex_attention(query.device)(query, key, value, block_mask=attention_mask, scale=scaling,
+                                            enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
     if (query.device.type == "cpu" and attention_mask is not None and query.shape[1] != key.shape[1]
             and kwargs.get("position_bias") is None):
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
@@ -32,6 +40,20 @@ def tracerl_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
         return out.transpose(1, 2).contiguous(), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(device: torch.device):
+    """FlexAttention, compiled on CUDA (the fused kernel that never materialises the scores);
+    eager elsewhere (CPU: forward only, a reference implementation, for exactness tests)."""
+    global _COMPILED_FLEX
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
 
 
 AttentionInterface.register(ATTENTION, tracerl_sdpa)

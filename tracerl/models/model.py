@@ -83,6 +83,9 @@ class DiffusionLM(nn.Module):
         return int(self.config.max_position_embeddings)
 
     # -- forward ---------------------------------------------------------------------------
+    # The attention training rows use (TrainingRun sets it from loop.attention): sdpa | flex.
+    train_attention = "sdpa"
+
     def attention_mask(
         self, positions: torch.Tensor, valid: torch.Tensor, attention: str | None = None
     ) -> torch.Tensor:

@@ -104,6 +104,13 @@ class Rows:
             return masks.two_copy_mask(self.position_ids, self.segments, self.block_size)
         return masks.mask_for_attention(self.mask_kind, self.position_ids, self.valid, self.block_size)
 
+    def attention_mask_for(self, model):
+        """The mask to run ``model`` on: the dense one, or a FlexAttention ``BlockMask`` (same
+        rules, masks.flex_block_mask) when the model trains with ``loop.attention=flex``."""
+        if getattr(model, "train_attention", "sdpa") == "flex":
+            return masks.flex_block_mask(self.mask_kind, self.position_ids, self.segments, self.block_size)
+        return self.attention_mask
+
     def to(self, device: torch.device | str) -> Rows:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
@@ -405,7 +412,7 @@ def target_logprobs(model, rows: Rows, *, policy: bool = False) -> torch.Tensor:
         return torch.zeros(0, device=model.device)
     rows = rows.to(model.device)
     hidden, _ = model.hidden_states(
-        rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids
+        rows.input_ids, attention_mask=rows.attention_mask_for(model), position_ids=rows.position_ids
     )
     selected = hidden[rows.target_row, rows.target_col]
     logits = model.lm_logits(selected)

@@ -99,7 +99,7 @@ class ValueModel(nn.Module):
         lm = self.backbone_lm
         rows = rows.to(lm.device)
         hidden, _ = lm.hidden_states(
-            rows.input_ids, attention_mask=rows.attention_mask, position_ids=rows.position_ids
+            rows.input_ids, attention_mask=rows.attention_mask_for(lm), position_ids=rows.position_ids
         )
         return hidden[rows.target_row, rows.target_col], rows
 

@@ -26,7 +26,7 @@ from tracerl.rl.curriculum import check_curriculum, config_at, stage_at
 from tracerl.rl.loop import check_value_use, rl_step, setup_models, sync_reference
 from tracerl.rollout import prompts_for
 from tracerl.train import distributed, lora
-from tracerl.train.loop import TrainingRun
+from tracerl.train.loop import TrainingRun, check_attention
 
 
 def check_rl_config(config: RLConfig, model=None) -> Algorithm:
@@ -68,6 +68,7 @@ def check_rl_config(config: RLConfig, model=None) -> Algorithm:
         raise ConfigError("task.split: RL trains on the train split (held-out problems are for eval)")
     check_curriculum(config.curriculum, config.task.source)
     check_device(config.device)
+    check_attention(config.loop, config.device)
     if model is not None:
         check_rl_model(config, algorithm, model)
     return algorithm

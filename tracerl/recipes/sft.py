@@ -20,7 +20,7 @@ from tracerl.generation.seeds import check_seed_value
 from tracerl.progress import ProgressReporter
 from tracerl.train import distributed, lora
 from tracerl.train.distributed import DistributedConfig
-from tracerl.train.loop import LoopConfig, TrainingRun, step_generator
+from tracerl.train.loop import LoopConfig, TrainingRun, check_attention, step_generator
 from tracerl.train.optim import OptimConfig
 from tracerl.train.sft import (
     EpochSampler,
@@ -70,6 +70,7 @@ def _run_sft(config: SFTConfig, world: distributed.World, *, progress: bool | st
     # Everything that can be checked without the weights first: a bad path must not cost a load.
     device = distributed.rank_device(config.device, world)
     check_device(device)
+    check_attention(config.loop, device)
     check_sft_data(config.data)
     if config.eval.every:
         load_problems(config.eval.task)

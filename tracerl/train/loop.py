@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 POLICY_FORWARDS = ("hidden_states", "lm_logits")  # the methods the objectives call (sharded: gathers)
 
 MIXED_PRECISION = ("auto", "no", "bf16")
+TRAIN_ATTENTION = ("sdpa", "flex")
 
 # Config keys (dotted; a trailing "." covers a whole section) a resume may change: where the run
 # lives and runs, how long it runs (a longer max_steps also stretches the LR schedule: that is the
@@ -67,6 +68,9 @@ class LoopConfig:
     # run folder with WANDB_MODE=offline), all (every installed one), none.
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str = "tracerl"  # W&B project name
+    # Training attention: sdpa (dense boolean masks; CPU and GPU) | flex (FlexAttention block masks
+    # built from positions, memory linear in the row length; CUDA only: torch has no flex backward on CPU)
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.accumulation < 1:
@@ -76,6 +80,15 @@ class LoopConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(f"loop.mixed_precision: {self.mixed_precision!r}; valid: {', '.join(MIXED_PRECISION)}")
         self.report_to = check_reporting(self.report_to)  # a missing package fails here, before any load
+        if self.attention not in TRAIN_ATTENTION:
+            raise ConfigError(f"loop.attention: {self.attention!r}; valid: {', '.join(TRAIN_ATTENTION)}")
+
+
+def check_attention(loop: LoopConfig, device: str | torch.device) -> None:
+    """``loop.attention=flex`` trains on CUDA only (before any weights load)."""
+    if loop.attention == "flex" and torch.device(device).type != "cuda":
+        raise ConfigError(f"loop.attention=flex: FlexAttention has no backward pass on {torch.device(device).type} "
+                          f"(torch {torch.__version__.split('+')[0]}); train with loop.attention=sdpa there")
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -114,6 +127,13 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     for param in module.parameters():
         param.requires_grad_(False)
     return module
+
+
+def _set_attention(module: torch.nn.Module, attention: str) -> None:
+    """Every DiffusionLM in ``module`` trains with ``attention`` (rows.attention_mask_for reads it)."""
+    for part in module.modules():
+        if isinstance(part, DiffusionLM):
+            part.train_attention = attention
 
 
 def _slice_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -188,6 +208,8 @@ class TrainingRun:
         self.world = world or World()
         self.distributed = distributed or DistributedConfig()
         check_same_config(self.world, run_config or {}, lambda a, b: config_changes(a, b, ()))
+        check_attention(loop, model.device)
+        _set_attention(model, loop.attention)
         if loop.gradient_checkpointing:
             # Non-reentrant: the reentrant variant drops the gradients of a checkpointed segment
             # whose inputs do not require grad, i.e. every LoRA adapter (frozen embeddings).
@@ -231,6 +253,7 @@ class TrainingRun:
         it whole and its gradients are summed over the ranks before each step."""
         if name in ("step", "policy") or name in self.trained or "-" in name:
             raise ValueError(f"trained model name {name!r}: taken or invalid")
+        _set_attention(module, self.loop.attention)
         if self.world.distributed and not replicated:  # sharded like the policy; its parameters are the shards now
             self._shard(module.to(self.model.dtype), forward_methods)
             params = [p for p in module.parameters() if p.requires_grad]
@@ -251,6 +274,7 @@ class TrainingRun:
         if name in ("step", "policy") or name in self.trained or name in self.frozen or "-" in name:
             raise ValueError(f"frozen model name {name!r}: taken or invalid")
         copy = _frozen(self.policy_copy(base=True))
+        _set_attention(copy, self.loop.attention)
         if self.world.distributed:
             self._shard(copy, POLICY_FORWARDS)
         self.frozen[name] = copy
