@@ -3,7 +3,9 @@ FlexAttention path (``loop.attention=flex``), peak memory and tokens/s (the dist
 GPU figure).
 
 Shape: the Qwen3 configuration of SDAR-4B (engine_gpu.py's ``random_model``), fp32 master weights,
-bf16 autocast as the training loop runs on GPU, gradient checkpointing on.  Workload: block-SFT
+sharded with FSDP2 over a one-process group as ``tracerl sft``/``rl`` shard every rank's model
+(bf16 compute, fp32 reduction on GPU; ``--no-fsdp``: a plain module under bf16 autocast),
+gradient checkpointing on.  Workload: block-SFT
 steps on two-copy rows (``[prompt | clean | noisy]``, the layout whose dense ``(2L)^2`` mask the
 flex path replaces) of ``--batch`` random examples of ``--prompt`` + ``--response`` tokens,
 forward + backward + AdamW; ``--layers`` cuts the depth for a smaller card, ``--forward-only``
@@ -38,6 +40,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def shard_alone(model, device: str) -> None:
+    """FSDP2 over a process group of this one process, as train/distributed.py shards a rank's model."""
+    import socket
+
+    from tracerl.train.distributed import DistributedConfig, World, shard
+    from tracerl.train.loop import POLICY_FORWARDS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                         init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    shard(model, World(), DistributedConfig(), bf16=device.startswith("cuda"), forward_methods=POLICY_FORWARDS)
+
+
 def measure(model, examples: list[Example], attention: str, *, steps: int, forward_only: bool) -> dict:
     device = model.device
     model.train_attention = attention
@@ -45,7 +62,8 @@ def measure(model, examples: list[Example], attention: str, *, steps: int, forwa
     normaliser = count_response_tokens(examples)
     optimizer = None if forward_only else Optimizer(model.backbone.parameters(), OptimConfig(lr=1e-6),
                                                     total_steps=steps + 1)
-    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+    sharded = hasattr(model, "reshard")  # FSDP2 computes in bf16 through its mixed-precision policy
+    autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" and not sharded
                 else contextlib.nullcontext())
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -84,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--attention", choices=["both", "sdpa", "flex"], default="both")
     ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--no-fsdp", action="store_true", help="a plain module under autocast instead of FSDP2")
     ap.add_argument("--tiny", action="store_true", help="a tiny shape (smoke run of the script)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -99,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         shape["num_hidden_layers"] = args.layers
     model = random_model(shape, args.device, torch.float32)
     model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not args.no_fsdp:
+        shard_alone(model, args.device)
     model.train()
     g = torch.Generator().manual_seed(0)
     vocab = len(model.tokenizer) - 8  # ordinary ids of the tiny tokenizer (the rest is padded vocabulary)
@@ -108,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "shape": "tiny" if args.tiny else "SDAR-4B", "layers": shape["num_hidden_layers"], "batch": args.batch,
         "prompt_tokens": args.prompt, "response_tokens": args.response, "forward_only": args.forward_only,
+        "fsdp2": not args.no_fsdp,
         "two_copy_row_tokens": args.prompt + 2 * args.response,
         "dense_mask_mib_per_row": (args.prompt + 2 * args.response) ** 2 / 2**20,  # one bool per pair
         "runs": [measure(model, examples, a, steps=args.steps, forward_only=args.forward_only)
@@ -119,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         if "peak_memory_gib" in sdpa:
             result["flex_over_sdpa_peak_memory"] = flex["peak_memory_gib"] / sdpa["peak_memory_gib"]
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -85,6 +85,7 @@ def test_train_gpu_script_runs_on_cpu_with_a_tiny_shape():
     assert forward.returncode == 0, forward.stderr
     data = json.loads(forward.stdout.strip().splitlines()[-1])
     sdpa, flex = data["runs"]
+    assert data["fsdp2"] is True  # sharded with FSDP2 over a one-process group, as each rank of a run
     assert (sdpa["attention"], flex["attention"]) == ("sdpa", "flex") and flex["tokens_per_s"] > 0
     assert abs(sdpa["first_loss"] - flex["first_loss"]) < 1e-5 * abs(sdpa["first_loss"])
     step = subprocess.run(base + ["--attention", "sdpa", "--steps", "1"], capture_output=True, text=True, timeout=300)
