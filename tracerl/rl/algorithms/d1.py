@@ -42,7 +42,8 @@ class ``diffu-grpo/diffu_grpo_config.py``, which the shipped recipe ``slurm_scri
   ``policy.ppo_epochs``, whose default is 1, so **users set policy.ppo_epochs=12** for d1's μ.
 * ``epsilon`` ε = 0.5 (train.yaml; class default 0.2): ``policy.eps`` (default 0.2).
 * ``beta`` β = 0.04 (class default and train.yaml): ``policy.beta`` (default 0).
-* reference = the start model (trainer: adapter disabled): ``policy.kl_reference=initial``.
+* reference = the start model (trainer: adapter disabled): ``policy.kl_reference=initial``; with
+  ``lora.enabled=true`` it is the same adapter-off forward, with no second model in memory.
 * advantage = r − mean, Eq. (2) (paper and trainer): ``std_normalise`` = false.
 * ``random_masking`` = true, a new mask seed per inner update (class default, train.yaml):
   ``fresh_masks`` = true.
@@ -56,7 +57,8 @@ class ``diffu-grpo/diffu_grpo_config.py``, which the shipped recipe ``slurm_scri
 
 So a d1 reproduction sets ``policy.method=d1 policy.ppo_epochs=12 policy.eps=0.5 policy.beta=0.04
 policy.kl_reference=initial optim.lr=3e-6 policy.filter_equal=false`` (d1 keeps zero-advantage
-groups: they still feel the KL term).
+groups: they still feel the KL term), and for its adapter ``lora.enabled=true lora.r=128 lora.alpha=64``
+(the 4-bit base is not reproduced: the base stays in the model's dtype).
 
 Loss normalisation.  Eq. (4) averages per completion (``1/|o_i|``), then over completions.  The
 public trainer instead sums the per-token terms of a micro-batch over its completion tokens (up to
