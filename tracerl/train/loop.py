@@ -68,9 +68,8 @@ class LoopConfig:
     # run folder with WANDB_MODE=offline), all (every installed one), none.
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str = "tracerl"  # W&B project name
-    # Training attention: sdpa (dense boolean masks; CPU and GPU) | flex (FlexAttention block masks
-    # built from positions, memory linear in the row length; CUDA only: torch has no flex backward on CPU)
-    attention: str = "sdpa"
+    # flex: block masks built from positions, memory linear in the row length (torch has no flex backward on CPU)
+    attention: str = "sdpa"  # training attention: sdpa (dense masks; CPU and GPU) | flex (FlexAttention; CUDA only)
 
     def __post_init__(self) -> None:
         if self.micro_batch < 1 or self.accumulation < 1:
