@@ -35,7 +35,7 @@ def test_constant_quantities_get_no_plot(tmp_path):
     written, dropped = run_plots(tmp_path, sft_rows=sft, rl_rows=rl, heldout=[(0, 0.3, 247), (10, 0.4, 247)])
     names = sorted(p.name for p in written)
     assert names == ["heldout_accuracy.png", "kl.png", "reward.png", "sft.png", "value_loss.png"]
-    assert dropped == ["clip_fraction", "nfe_per_token", "response_length"]
+    assert dropped == ["ref_kl", "clip_fraction", "nfe_per_token", "response_length"]  # ref_kl: not measured
     for png in written:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert is_constant([1.0, 1.0 + 1e-12]) and not is_constant([1.0, 1.01])
