@@ -54,8 +54,7 @@ Why pages rather than one fixed slot of ``max_len`` columns per sequence.
   bytes per token and what is in use.
 The price is one gather per layer per forward (a copy of the batch's keys and values, the size
 of what attention reads anyway); a kernel reading pages in place would remove it without changing
-this layout or the mask.  The engine's block steps avoid it by reading a copy of the keys kept
-by slot (slot_kv.py); the pages stay the record, and prefills run through ``PagedView``.
+this layout or the mask.
 
 Families.  The view reproduces the hidden states of the query columns exactly, whatever the
 family.  A shifted family reads the logits of column s-1 for column s: for the first column of a
@@ -347,16 +346,6 @@ class PagedKVCache:
         for sid, n in zip(view.seq_ids, n_blocks):
             self._seqs[sid].committed += n
         view.committed_done = True
-
-
-    def mark_committed(self, seq_id: Hashable, n_blocks: int = 1) -> list[int]:
-        """The sequence's next ``n_blocks`` pages (held: reserved or provisional) become committed,
-        their keys written by the caller (slot_kv.py); returns them."""
-        seq = self._seq(seq_id)
-        if seq.committed + n_blocks > len(seq.pages):
-            raise ValueError(f"n_blocks: sequence {seq_id!r} holds {len(seq.pages) - seq.committed} uncommitted pages")
-        seq.committed += n_blocks
-        return seq.pages[seq.committed - n_blocks: seq.committed]
 
 
 # -- the per-forward view ---------------------------------------------------------------------

@@ -48,7 +48,7 @@ class BlockLoop:
         self.cache = cache
         self.pool = pool
         self.scheduler = Scheduler(cache, max_running, pool)
-        self.runner = Runner(model, cache, pool)
+        self.runner = Runner(model, cache)
         self.stats = stats if stats is not None else EngineStats(max_running=max_running)
 
     def add(self, seq: Sequence) -> None:

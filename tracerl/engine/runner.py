@@ -1,11 +1,10 @@
 """One engine step: a single batched forward, then each request's own draw and unmasking.
 
-Each request runs its current block against its committed keys; its uncommitted final blocks
-(the block that just became final as an extra row of the same forward, a prompt's blocks in a
-prefill forward before it) run too and are committed after the forward, as
-``BlockCacheDecoder`` commits them with the next block's first forward, so committing costs no
-extra forward per step.  The forward is the only batched part whose numbers another request
-could touch, and block attention plus the mask make it equal to the request's own forward.
+Each request's query is its uncommitted final blocks (prompt blocks at prefill, or the block
+that just became final) followed by its current block, against its committed pages; the final
+blocks are committed after the forward, as ``BlockCacheDecoder`` does, so committing costs no
+extra forward.  The forward is the only batched part whose numbers another request could
+touch, and block attention plus the paged mask make it equal to the request's own forward.
 Drawing and selection then run per group of requests with equal decoding settings, each row
 with its own random stream, exactly as ``generate`` runs them for that row: a full block of
 ``b`` columns per forward (invalid columns past the length limit included, so streams advance
@@ -18,8 +17,7 @@ import torch
 
 from tracerl.engine.kv_cache import PagedKVCache
 from tracerl.engine.sequence import Sequence, randomized
-from tracerl.engine.slot_kv import SlotKV
-from tracerl.engine.state import StatePool, record
+from tracerl.engine.state import record
 from tracerl.generation.decoders import ForwardTimer
 from tracerl.generation.sampling import draw
 from tracerl.generation.unmasking import select, step_quota
@@ -59,101 +57,69 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
 
 
 class Runner:
-    def __init__(self, model, cache: PagedKVCache, pool: StatePool) -> None:
+    def __init__(self, model, cache: PagedKVCache) -> None:
         self.model = model
         self.cache = cache
-        self.pool = pool
-        self.slot_kv = SlotKV(cache, len(pool.tokens))
         self.shift = model.spec.logit_shift
         self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=model.device)
         self.timer = ForwardTimer(model.device, sync=False)  # CPU: time inside model calls; CUDA: counts only
 
     @torch.no_grad()
     def step(self, seqs: list[Sequence]) -> int:
-        """One block step of ``seqs`` (every request holding a slot); returns the number of query
-        columns it ran.
+        """One block step of ``seqs``; returns the number of query columns it ran.
 
-        Prefills with more than one final block (the prompt's) run first, in one forward through
-        the page pool.  Then one forward runs every current block, plus a row for each block that
-        just became final (about one request in ``steps``), reading keys in place (slot_kv.py):
-        no row is padded to two blocks and no layer gathers the batch's keys.  On the
-        mixed-length benchmark a 64-row step took 20 ms against 22 ms with one forward per
-        query-length class through the page pool (docs/results.md)."""
-        b, cache = self.cache.block_size, self.cache
-        self.slot_kv.move(self.pool.compact(seqs))
-        self.slot_kv.reserve(max(s.block + 1 for s in seqs) * b)
-        pending = [s.block - cache.committed_blocks(s.rid) for s in seqs]
-        prefills = [s for s, n in zip(seqs, pending) if n > 1]
-        if prefills:
-            self._prefill(prefills)
-        final = [s for s, n in zip(seqs, pending) if n == 1]
-        for s in seqs:  # the current block's page, as the scheduler counted it
-            cache.allocate(s.rid, max(0, s.block + 1 - cache.held_pages(s.rid)))
-        unmask(seqs, self._forward(seqs, final), self.banned)
-        return (sum(pending) + len(seqs)) * b
+        Rows run in one forward per query length class, since a padded batch pads every row to
+        its longest query: the current block alone (most rows), the block that just became
+        final plus the current one (about one row in ``steps``), and prefills (longer).  On the
+        mixed-length benchmark splitting the first two made a 64-row step 1.3x cheaper than one
+        call padded to two blocks (docs/results.md)."""
+        b = self.cache.block_size
+        queries = [s.block - self.cache.committed_blocks(s.rid) + 1 for s in seqs]
+        classes: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            classes.setdefault(min(q, 3), []).append(i)  # 1, 2, or 3 = a prefill of any length
+        logits = None
+        for members in classes.values():
+            if not members:
+                continue
+            part = self._forward([seqs[i] for i in members])
+            if logits is None:
+                logits = part.new_empty((len(seqs),) + part.shape[1:])
+            logits[members] = part
+        unmask(seqs, logits, self.banned)
+        return int(sum(queries)) * b
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        """Run and commit each request's final, uncommitted blocks through the page pool, then
-        copy them into the slots' rows (shifted: keep the logits of their last column, which
-        predict the current block's first)."""
+    def _forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One batched forward over ``seqs``; the logits predicting each current block (B, b, V)."""
         b, dev, cache = self.cache.block_size, self.model.device, self.cache
         committed = [cache.committed_blocks(s.rid) for s in seqs]
-        blocks = [s.block - c for s, c in zip(seqs, committed)]
+        blocks = [s.block - c + 1 for s, c in zip(seqs, committed)]
         lq = max(blocks) * b
         pool = seqs[0].pool
         first = torch.tensor([c * b for c in committed], device=dev)[:, None]
         cols = first + torch.arange(lq, device=dev)  # absolute positions of the query columns
-        inside = cols < torch.tensor([s.block_start for s in seqs], device=dev)[:, None]
+        inside = cols < torch.tensor([(s.block + 1) * b for s in seqs], device=dev)[:, None]
         slots = torch.tensor([s.slot for s in seqs], device=dev)[:, None]
         ids = torch.where(inside, pool.tokens[slots, cols.clamp_max(pool.columns - 1)], seqs[0].pad_id)
         valid = inside & (cols < torch.tensor([s.end for s in seqs], device=dev)[:, None])
         view = cache.view([s.rid for s in seqs], blocks, valid)
-        with self.timer:
-            hidden, _ = self.model.hidden_states(
-                ids, attention_mask=view.attention_mask(), position_ids=view.query_positions, cache=view,
-                use_cache=True,
-            )
-            if self.shift:
-                last = torch.tensor([n * b - 1 for n in blocks], device=dev)
-                carry = self.model.lm_logits(hidden[torch.arange(len(seqs), device=dev), last])
-        cache.commit(view, blocks)
-        if self.shift:
-            for s, c in zip(seqs, carry):
-                s.carry = c[None].clone()
-        self.slot_kv.load([s.slot for s in seqs], committed,
-                          [cache.page_table(s.rid)[c:c + n] for s, c, n in zip(seqs, committed, blocks)])
-
-    def _forward(self, seqs: list[Sequence], final: list[Sequence]) -> torch.Tensor:
-        """One forward over every current block (row = slot) and the ``final`` blocks; commits
-        the latter and returns the logits predicting each current block (B, b, V), in ``seqs``
-        order."""
-        b, dev, cache = self.cache.block_size, self.model.device, self.cache
-        by_slot = sorted(seqs, key=lambda s: s.slot)  # compact: slot i is row i
-        n = len(by_slot)
-        view = self.slot_kv.view([s.block for s in by_slot], [s.end for s in by_slot],
-                                 [(s.slot, s.block - 1, s.end) for s in final])
-        slots = torch.tensor([s.slot for s in by_slot] + [s.slot for s in final], device=dev)
-        ids = self.pool.tokens[slots[:, None], view.query_positions]
-        ids = torch.where(view.query_valid, ids, by_slot[0].pad_id)
+        mask = view.attention_mask()
         # Hidden states predicting the current block's columns (shifted: one column earlier).
-        cols = (torch.arange(b, device=dev) - self.shift).clamp_min(0)
+        offsets = torch.tensor([(q - 1) * b - self.shift for q in blocks], device=dev)
+        cols = (offsets[:, None] + torch.arange(b, device=dev)).clamp_min(0)
+        rows = torch.arange(len(seqs), device=dev)[:, None]
         with self.timer:
             hidden, _ = self.model.hidden_states(
-                ids, attention_mask=view.attention_mask(), position_ids=view.query_positions, cache=view,
-                use_cache=True,
+                ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True,
             )
-            logits = self.model.lm_logits(hidden[:n, cols])
-            if self.shift and final:  # the final block's last column predicts the current block's first
-                carry = self.model.lm_logits(hidden[n:, b - 1])
-        if final:
-            self.slot_kv.store([s.slot for s in final], [s.block - 1 for s in final],
-                               [cache.mark_committed(s.rid) for s in final])
+            logits = self.model.lm_logits(hidden[rows, cols])
+        cache.commit(view, [q - 1 for q in blocks])
         if self.shift:
-            for j, s in enumerate(final):
-                s.carry = carry[j][None].clone()
-            for s in seqs:
-                if s.block == 0:  # column 0 is a prompt token: nothing predicts it
-                    logits[s.slot, 0] = 0
-                else:  # column s-1 lies in the last committed block
-                    logits[s.slot, :1] = s.carry
-        return logits[torch.tensor([s.slot for s in seqs], device=dev)]
+            for i, (s, q) in enumerate(zip(seqs, blocks)):
+                if q > 1:  # column s-1 lies in a block final in this forward: its logits are final
+                    s.carry = logits[i, :1].clone()
+                elif s.block == 0:  # column 0 is a prompt token: nothing predicts it
+                    logits[i, 0] = 0
+                else:
+                    logits[i, :1] = s.carry
+        return logits

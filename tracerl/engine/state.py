@@ -46,25 +46,6 @@ class StatePool:
             setattr(seq, name, row)
         seq.slot, seq.pool = slot, self
 
-    def compact(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
-        """Move requests so that ``seqs``, every request holding a slot, hold slots ``0..n-1``
-        (the engine then reads their keys as one view, slot_kv.py); returns the ``(from, to)``
-        moves, whose other per-slot state the caller moves too."""
-        n = len(seqs)
-        if len(self._free) + n != len(self.tokens):
-            raise ValueError("compact: seqs must be every request that holds a slot")
-        holes = sorted(set(range(n)) - {s.slot for s in seqs})
-        moves = []
-        for seq, to in zip([s for s in seqs if s.slot >= n], holes):
-            for name in FIELDS:
-                row = getattr(self, name)[to, :len(seq.tokens)]
-                row.copy_(getattr(seq, name))
-                setattr(seq, name, row)
-            moves.append((seq.slot, to))
-            seq.slot = to
-        self._free = list(range(len(self.tokens) - 1, n - 1, -1))
-        return moves
-
     def release(self, seq: Sequence, keep: bool = True) -> None:
         """Give the slot back; with ``keep`` the request takes a copy of its state along."""
         if keep:
