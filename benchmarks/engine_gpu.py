@@ -52,6 +52,14 @@ def random_model(shape: dict, device: str, dtype: torch.dtype) -> DiffusionLM:
     return DiffusionLM(backbone.eval(), tok, spec)
 
 
+def cuda_missing(device: str, script: str) -> bool:
+    """True (after one line on stderr) when ``device`` asks for CUDA and this machine has none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"{script}: no CUDA device here (use --device cpu --tiny for a smoke run)", file=sys.stderr)
+        return True
+    return False
+
+
 def _timed(fn) -> tuple[float, list]:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -72,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-static", action="store_true", help="skip the static generate() run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("engine_gpu: no CUDA device here (use --device cpu --tiny for a smoke run)", file=sys.stderr)
+    if cuda_missing(args.device, "engine_gpu"):
         return 2
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = random_model(TINY if args.tiny else SDAR_4B, args.device, dtype)

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from engine_gpu import SDAR_4B, TINY, random_model
+from engine_gpu import SDAR_4B, TINY, cuda_missing, random_model
 from tracerl.objectives import Example, block_sft_rows, count_response_tokens, sft_loss
 from tracerl.train.optim import OptimConfig, Optimizer
 
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a tiny shape (smoke run of the script)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("train_gpu: no CUDA device here (use --device cpu --tiny for a smoke run)", file=sys.stderr)
+    if cuda_missing(args.device, "train_gpu"):
         return 2
     if args.device == "cpu" and not args.forward_only and args.attention != "sdpa":
         print("train_gpu: FlexAttention has no backward pass on CPU; use --attention sdpa or --forward-only",

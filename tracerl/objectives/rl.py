@@ -77,8 +77,8 @@ from tracerl.objectives.rows import (
     collate,
     default_pad_id,
     model_spec,
-    RowParts,
     response_blocks,
+    row_layout,
     single_row,
     two_copy_row,
 )
@@ -194,12 +194,8 @@ def one_step_rows(spec, examples, generator: torch.Generator, *, prompt_mask: fl
     attention.  Targets keep ``target_example`` = the example's index."""
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator: pass a torch.Generator (prompt masks must be reproducible)")
-    spec = model_spec(spec)
-    b = check_block_size(block_size, spec)
+    spec, b, two_copy = row_layout(spec, block_size)
     exs = as_examples(examples)
-    two_copy = spec.family == "block"
-    if two_copy and spec.logit_shift:
-        raise ConfigError("two-copy rows need unshifted logits")
     parts = []
     for i, ex in enumerate(exs):
         p, n = len(ex.prompt_ids), len(ex.response_ids)

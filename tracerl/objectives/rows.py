@@ -328,6 +328,17 @@ def collate(
     )
 
 
+def row_layout(spec_or_model: Any, block_size: int | None) -> tuple[Any, int, bool]:
+    """``(spec, block size, two_copy)`` of a row builder that follows the model's family:
+    two-copy rows for the block family (which needs unshifted logits), single-copy otherwise."""
+    spec = model_spec(spec_or_model)
+    b = check_block_size(block_size, spec)
+    two_copy = spec.family == "block"
+    if two_copy and spec.logit_shift:
+        raise ConfigError("two-copy rows need unshifted logits")
+    return spec, b, two_copy
+
+
 def check_block_size(block_size: int | None, spec) -> int:
     b = spec.block_size if block_size is None else block_size
     if isinstance(b, bool) or not isinstance(b, int) or b < 1:
@@ -358,12 +369,8 @@ def build_trace_rows(
     attended with the model's attention kind.  Every target has weight 1; every response
     token is a target exactly once.
     """
-    spec = model_spec(spec)
-    b = check_block_size(block_size, spec)
+    spec, b, two_copy = row_layout(spec, block_size)
     exs = as_examples(examples)
-    two_copy = spec.family == "block"
-    if two_copy and spec.logit_shift:
-        raise ConfigError("two-copy rows need unshifted logits")
     parts: list[RowParts] = []
     for i, ex in enumerate(exs):
         p, n = len(ex.prompt_ids), len(ex.response_ids)

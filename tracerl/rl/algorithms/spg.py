@@ -141,11 +141,11 @@ from tracerl.objectives.loss import check_normaliser
 from tracerl.objectives.rows import (
     Rows,
     RowParts,
-    check_block_size,
     collate,
     default_pad_id,
     model_spec,
     response_blocks,
+    row_layout,
 )
 from tracerl.rl.algorithms import register_algorithm
 from tracerl.rl.algorithms.base import Algorithm
@@ -212,14 +212,11 @@ def spg_rows(spec, examples, generator: torch.Generator, *, samples: int = 2, lo
     as many as needed), then per sample the masked count (one float64 uniform), the positions (a
     permutation of the current block's tokens) and, when ``prompt_mask > 0``, one float64
     uniform per prompt token."""
-    spec = model_spec(spec)
-    b = check_block_size(block_size, spec)
+    spec, b, two_copy = row_layout(spec, block_size)
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator: pass a torch.Generator (masks must be reproducible)")
     exs = as_examples(examples)
-    mask_id, two_copy = spec.mask_token_id, spec.family == "block"
-    if two_copy and spec.logit_shift:
-        raise ConfigError("two-copy rows need unshifted logits")
+    mask_id = spec.mask_token_id
     parts: list[RowParts] = []
     for i, ex in enumerate(exs):
         p, n = len(ex.prompt_ids), len(ex.response_ids)
