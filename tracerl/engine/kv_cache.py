@@ -466,7 +466,14 @@ class PagedView(Cache):
         super().__init__(layers=[_PagedLayer(self, i) for i in range(n_layers)])
 
     def attention_mask(self) -> torch.Tensor:
-        """The 4D boolean mask of this forward (``paged_block_mask``)."""
+        """The 4D boolean mask of this forward (``paged_block_mask``).  When every query is one
+        block, each query column sees exactly its row's valid keys (committed pages and its own
+        block; nothing later is in its table), so the mask is ``key_valid`` broadcast over the
+        query axis, ``(B, 1, 1, K)``: the same numbers without the ``(B, 1, Lq, K)`` tensor."""
+        if max(self.query_blocks) == 1:
+            allowed = self.key_valid.clone()
+            allowed[:, 0] |= ~allowed.any(-1)
+            return allowed[:, None, None, :]
         return paged_block_mask(self.query_positions, self.query_valid, self.key_valid, self.cache.block_size)
 
     def _update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):

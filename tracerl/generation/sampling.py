@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -107,7 +108,44 @@ def _sample_per_row(probs: torch.Tensor, generators: Sequence[torch.Generator | 
     1, generator=generators[r])``); only the b*V exponentials are drawn per row, the division and
     argmax are vectorised over the batch.  Rows without a generator keep E = 1: their argmax.
     """
-    race = torch.ones_like(probs)
-    for r in _drawing_rows(generators, probs.shape[0]):
-        race[r].exponential_(1.0, generator=generators[r])
+    rows = _drawing_rows(generators, probs.shape[0])
+    if probs.device.type == "cpu" and len(rows) == probs.shape[0]:
+        race = cpu_exponentials(probs.shape, generators)
+    elif probs.device.type == "cpu":
+        race = torch.ones_like(probs)
+        if rows:
+            race[rows] = cpu_exponentials(probs[rows].shape, [generators[r] for r in rows])
+    else:
+        race = torch.ones_like(probs)
+        for r in rows:
+            race[r].exponential_(1.0, generator=generators[r])
     return (probs / race).argmax(-1)
+
+
+def cpu_exponentials(shape: torch.Size | tuple[int, ...], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Exp(1) float32 noise of ``shape`` (B, ...), row r the numbers ``exponential_`` draws from
+    CPU ``generators[r]``, bit for bit, in about half the time.
+
+    On the CPU, ``exponential_`` on float32 draws one float64 u ~ U[0, 1) per element and returns
+    ``float(-log1p(-u))`` with libm's log1p, one element at a time (about 13 ns per element, most
+    of a tiny model's sampling time).  ``uniform_`` on float64 draws the same u from the same
+    stream position, so one ``uniform_`` per row and one vectorised log1p over the batch give the
+    same numbers, except that the vectorised log1p may differ from libm's in the last bit of the
+    float64: that changes the float32 only for a value within a few ulps of a float32 rounding
+    midpoint (about 1 element in 10^7), so those few are recomputed with libm (``math.log1p``).
+    CUDA's Philox streams differ, so CUDA rows keep ``exponential_``."""
+    u = torch.empty(shape, dtype=torch.float64)
+    for r, g in enumerate(generators):
+        u[r].uniform_(generator=g)
+    return exponential_from_uniform(u)
+
+
+def exponential_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """``float32(-log1p(-u))`` with libm's log1p for float64 ``u`` (see ``cpu_exponentials``)."""
+    exact = torch.log1p(-u).neg_()
+    out = exact.float()
+    near_midpoint = (exact * (1 + 2.0**-48)).float() != (exact * (1 - 2.0**-48)).float()
+    if near_midpoint.any():
+        at = near_midpoint.nonzero(as_tuple=True)
+        out[at] = torch.tensor([-math.log1p(-v) for v in u[at].tolist()], dtype=torch.float64).float()
+    return out

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from tests.support.tiny_models import scrambled
 from tracerl import masks
 from tracerl.engine import CacheGeometry, KVCacheFullError, PagedKVCache, bytes_per_page
+from tracerl.engine.kv_cache import paged_block_mask
 from tracerl.errors import ConfigError, TracerlError
 from tracerl.models import load_model
 
@@ -76,7 +77,9 @@ def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=N
         start = cache.committed_length(sid)
         ids[i, : query_blocks[i] * b] = seqs.tokens[sid][start : start + query_blocks[i] * b]
     mask = view.attention_mask()
-    assert mask.shape == (batch, 1, lq, view.key_columns)
+    full = paged_block_mask(view.query_positions, view.query_valid, view.key_valid, b)
+    assert full.shape == (batch, 1, lq, view.key_columns)
+    assert torch.equal(mask.expand_as(full), full)  # one-block queries: key_valid broadcast (B, 1, 1, K)
     assert view.key_columns == max(cache.committed_blocks(s) + q for s, q in zip(seq_ids, query_blocks)) * b
     assert mask.any(-1).all()  # no empty softmax row, padding included
     with torch.no_grad():
