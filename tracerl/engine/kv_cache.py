@@ -39,7 +39,10 @@ n_blocks)`` then only marks the first ``n_blocks[i]`` query blocks of sequence i
 the pages of the other query blocks (the block still being denoised) stay the sequence's, holding
 provisional keys that the next forward overwrites.  This is the sampler's rule, "a finished block
 is committed by the first forward of the next block", so committing costs no extra forward and
-no copy.
+no copy.  With ``view(..., row_per_block=True)`` each query block is a batch row of its own
+(``Lq`` = one block, no padding between queries of one and two blocks, and a mask that is a
+broadcast of the key validity); a row sees the query blocks before it in its sequence because
+every layer writes all query blocks before it gathers.
 
 Why pages rather than one fixed slot of ``max_len`` columns per sequence.
 * Pages are diffusion blocks, the unit in which keys become final, so a page is written once,
@@ -68,6 +71,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -167,6 +171,18 @@ def pages_for_budget(budget_bytes: int, page_bytes: int) -> int:
 class _Sequence:
     pages: list[int] = field(default_factory=list)  # page table: page k holds positions [k*b, (k+1)*b)
     committed: int = 0  # pages[:committed] are written; the rest are reserved
+    # The same pages as an int64 array (with spare room): a view copies rows of these into its
+    # page index, about 60x cheaper than converting Python lists (torch.tensor reads each int).
+    table: np.ndarray = field(default_factory=lambda: np.zeros(8, dtype=np.int64))
+
+    def extend(self, new: list[int]) -> None:
+        held = len(self.pages)
+        self.pages.extend(new)
+        if len(self.pages) > len(self.table):
+            grown = np.zeros(max(2 * len(self.table), len(self.pages)), dtype=np.int64)
+            grown[:held] = self.table[:held]
+            self.table = grown
+        self.table[held:len(self.pages)] = new
 
 
 class PagedKVCache:
@@ -259,7 +275,7 @@ class PagedKVCache:
         if n_pages < 0:
             raise ValueError(f"n_pages: must be >= 0, got {n_pages}")
         pages = self._take(n_pages, f"sequence {seq_id!r}")
-        self._seqs.setdefault(seq_id, _Sequence()).pages.extend(pages)
+        self._seqs.setdefault(seq_id, _Sequence()).extend(pages)
         return pages
 
     def free(self, seq_id: Hashable) -> int:
@@ -306,19 +322,23 @@ class PagedKVCache:
     # -- one forward -------------------------------------------------------------------------
     def view(
         self, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int = 1,
-        query_valid: torch.Tensor | None = None,
+        query_valid: torch.Tensor | None = None, *, row_per_block: bool = False,
     ) -> PagedView:
         """The cache of one forward over ``query_blocks[i]`` blocks of sequence ``seq_ids[i]``,
-        starting at its committed length (see ``PagedView``).  Every query block gets a page of
-        its sequence (reserved pages first, then free ones); all or nothing: ``KVCacheFullError``
-        leaves the pool and every page table as they were."""
-        return PagedView(self, seq_ids, query_blocks, query_valid)
+        starting at its committed length (see ``PagedView``; ``row_per_block``: each query block
+        is a batch row of its own).  Every query block gets a page of its sequence (reserved
+        pages first, then free ones); all or nothing: ``KVCacheFullError`` leaves the pool and
+        every page table as they were."""
+        return PagedView(self, seq_ids, query_blocks, query_valid, row_per_block=row_per_block)
 
-    def _extend_tables(self, seqs: list[_Sequence], query_blocks: list[int], what: str) -> None:
-        shortfall = [max(0, s.committed + q - len(s.pages)) for s, q in zip(seqs, query_blocks)]
-        fresh = self._take(sum(shortfall), what)
-        for s, n in zip(seqs, shortfall):
-            s.pages.extend(fresh[:n])
+    def _extend_tables(self, seqs: list[_Sequence], query_blocks: list[int]) -> None:
+        short = [(s, s.committed + q - len(s.pages)) for s, q in zip(seqs, query_blocks)
+                 if s.committed + q > len(s.pages)]
+        if not short:
+            return
+        fresh = self._take(sum(n for _, n in short), f"a forward over {sum(query_blocks)} query blocks")
+        for s, n in short:
+            s.extend(fresh[:n])
             fresh = fresh[n:]
 
     def commit(self, view: PagedView, n_blocks: Sequence[int] | int) -> None:
@@ -397,20 +417,25 @@ class _PagedLayer(CacheLayerMixin):
 class PagedView(Cache):
     """The transformers ``Cache`` of one batched forward over paged sequences.
 
-    Sequence i's query covers ``query_blocks[i]`` whole blocks from its committed length; the
-    batch is right-padded to the longest query (``Lq`` columns).  Feed the model
-    ``input_ids`` ``(B, Lq)``, ``position_ids=view.query_positions``,
-    ``attention_mask=view.attention_mask()`` and ``cache=view``; then call
-    ``cache.commit(view, n_blocks)``.  ``query_valid`` ``(B, Lq)`` marks query columns that hold
-    no token (a block cut short by a length limit); columns past a sequence's query are always
-    invalid.  Invalid columns get the position of the sequence's first query column, so padding
-    never feeds the model a position past the real ones.  Key column j of row i is position j of
-    sequence i (its pages in order, the query's own blocks included).
+    Sequence i's query covers ``query_blocks[i]`` whole blocks from its committed length.  By
+    default it is one batch row, and the batch is right-padded to the longest query; with
+    ``row_per_block`` every query block is a row of its own (``Lq = block_size``, rows in
+    sequence order, then block order), which needs no padding when queries differ in length and
+    whose mask is a broadcast (below).  A later block's row still sees its sequence's earlier
+    query blocks: every layer writes all query blocks into their pages before it gathers any
+    row's keys (``_write_and_gather``).  Feed the model ``input_ids`` ``(R, Lq)`` (R rows),
+    ``position_ids=view.query_positions``, ``attention_mask=view.attention_mask()`` and
+    ``cache=view``; then call ``cache.commit(view, n_blocks)`` (per sequence).  ``query_valid``
+    ``(R, Lq)`` marks query columns that hold no token (a block cut short by a length limit);
+    columns past a row's query are always invalid.  Invalid columns get the position of the
+    row's first query column, so padding never feeds the model a position past the real ones.
+    Key column j of a row is position j of its sequence (its pages in order, up to the row's
+    last query block).
     """
 
     def __init__(
         self, cache: PagedKVCache, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int,
-        query_valid: torch.Tensor | None,
+        query_valid: torch.Tensor | None, row_per_block: bool = False,
     ) -> None:
         seq_ids = tuple(seq_ids)
         if not seq_ids:
@@ -422,10 +447,7 @@ class PagedView(Cache):
         if len(query_blocks) != batch or min(query_blocks) < 1:
             raise ValueError(f"query_blocks: one count >= 1 per sequence, got {query_blocks} for {batch} sequences")
         seqs = [cache._seq(sid) for sid in seq_ids]
-        lq = max(query_blocks) * b
-        if query_valid is not None and tuple(query_valid.shape) != (batch, lq):
-            raise ValueError(f"query_valid: shape {tuple(query_valid.shape)}, expected {(batch, lq)}")
-        cache._extend_tables(seqs, query_blocks, f"a forward over {sum(query_blocks)} query blocks")
+        cache._extend_tables(seqs, query_blocks)
 
         self.cache = cache
         self.seq_ids = seq_ids
@@ -434,43 +456,57 @@ class PagedView(Cache):
         self.committed_done = False
         self.written = False
         self.cached_columns = max(self.start_blocks) * b  # committed keys of the longest table
-        ends = [c + q for c, q in zip(self.start_blocks, query_blocks)]
-        pages = max(ends)
+        q = np.array(query_blocks, dtype=np.int64)
+        starts = np.array(self.start_blocks, dtype=np.int64)
+        # Rows: their sequence, first query block (absolute block index) and number of query blocks.
+        if row_per_block:
+            row_seq = np.repeat(np.arange(batch), q)
+            row_first = starts[row_seq] + np.arange(len(row_seq)) - np.repeat(np.cumsum(q) - q, q)
+            row_blocks = np.ones(len(row_seq), dtype=np.int64)
+        else:
+            row_seq, row_first, row_blocks = np.arange(batch), starts, q
+        self.row_blocks = row_blocks.tolist()
+        rows = len(row_seq)
+        lq = int(row_blocks.max()) * b
+        if query_valid is not None and tuple(query_valid.shape) != (rows, lq):
+            raise ValueError(f"query_valid: shape {tuple(query_valid.shape)}, expected {(rows, lq)}")
+        row_end = row_first + row_blocks  # a row's table: its sequence's pages up to its last query block
+        pages = int(row_end.max())
         self.key_columns = pages * b
 
-        # Page index (B, P): padded slots point at page 0 and are masked out via key_valid.
-        table, rows, blocks, query_pages = [], [], [], []
-        for i, (s, c, q) in enumerate(zip(seqs, self.start_blocks, query_blocks)):
-            table.append(s.pages[: c + q] + [0] * (pages - c - q))
-            rows += [i] * q
-            blocks += range(q)
-            query_pages += s.pages[c: c + q]
-        self.page_index = torch.tensor(table, dtype=torch.long, device=dev)
-        self._rows = torch.tensor(rows, device=dev)
-        self._blocks = torch.tensor(blocks, device=dev)
-        self._query_pages = torch.tensor(query_pages, device=dev)
+        # Page index (R, P): padded slots point at page 0 and are masked out via key_valid.
+        index = np.zeros((rows, pages), dtype=np.int64)
+        for r, (i, e) in enumerate(zip(row_seq.tolist(), row_end.tolist())):
+            index[r, :e] = seqs[i].table[:e]
+        block_row = np.repeat(np.arange(rows), row_blocks)  # one entry per query block: its row, its block in the row
+        block_in_row = np.arange(len(block_row)) - np.repeat(np.cumsum(row_blocks) - row_blocks, row_blocks)
+        self.page_index = torch.from_numpy(index).to(dev)
+        self._rows = torch.from_numpy(block_row).to(dev)
+        self._blocks = torch.from_numpy(block_in_row).to(dev)
+        self._query_pages = torch.from_numpy(index[block_row, row_first[block_row] + block_in_row]).to(dev)
 
-        structural = (torch.arange(lq)[None, :] < torch.tensor(query_blocks)[:, None] * b).to(dev)
+        structural = (torch.arange(lq)[None, :] < torch.from_numpy(row_blocks * b)[:, None]).to(dev)
         if query_valid is not None:
             structural = structural & query_valid.to(device=dev, dtype=torch.bool)
         self.query_valid = structural
-        starts = torch.tensor(self.start_blocks, device=dev)[:, None] * b
-        self.query_positions = torch.where(structural, starts + torch.arange(lq, device=dev), starts)
+        first = torch.from_numpy(row_first * b).to(dev)[:, None]
+        self.query_positions = torch.where(structural, first + torch.arange(lq, device=dev), first)
         # The query blocks' slots are (re)written by this forward: their validity now, the keys in _update.
         cache.page_valid[self._query_pages] = structural.unflatten(1, (lq // b, b))[self._rows, self._blocks]
-        filled = torch.arange(pages)[None, :] < torch.tensor(ends)[:, None]
-        self.key_valid = (cache.page_valid[self.page_index] & filled.to(dev)[:, :, None]).reshape(batch, pages * b)
+        filled = torch.arange(pages)[None, :] < torch.from_numpy(row_end)[:, None]
+        self.key_valid = (cache.page_valid[self.page_index] & filled.to(dev)[:, :, None]).reshape(rows, pages * b)
 
         self._buffers: dict[str, torch.Tensor] = {}
         n_layers = cache.geometry.num_layers
         super().__init__(layers=[_PagedLayer(self, i) for i in range(n_layers)])
 
     def attention_mask(self) -> torch.Tensor:
-        """The 4D boolean mask of this forward (``paged_block_mask``).  When every query is one
-        block, each query column sees exactly its row's valid keys (committed pages and its own
-        block; nothing later is in its table), so the mask is ``key_valid`` broadcast over the
-        query axis, ``(B, 1, 1, K)``: the same numbers without the ``(B, 1, Lq, K)`` tensor."""
-        if max(self.query_blocks) == 1:
+        """The 4D boolean mask of this forward (``paged_block_mask``).  When every row is one
+        block, each query column sees exactly its row's valid keys (its sequence's pages up to
+        its own block; nothing later is in its table), so the mask is ``key_valid`` broadcast
+        over the query axis, ``(R, 1, 1, K)``: the same numbers without the ``(R, 1, Lq, K)``
+        tensor, and a cheaper SDPA on CPU."""
+        if max(self.row_blocks) == 1:
             allowed = self.key_valid.clone()
             allowed[:, 0] |= ~allowed.any(-1)
             return allowed[:, None, None, :]

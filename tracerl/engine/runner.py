@@ -13,6 +13,8 @@ alike), ``step_quota`` from the block's own masked count and step.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from tracerl.engine.kv_cache import PagedKVCache
@@ -23,37 +25,27 @@ from tracerl.generation.sampling import draw
 from tracerl.generation.unmasking import select, step_quota
 
 
-def decoding_key(seq: Sequence) -> tuple:
-    """Requests with equal keys can share one draw/select call."""
-    c = seq.config
-    return (seq.block_size, c.temperature, c.top_k, c.top_p, c.strategy, c.threshold, c.eb_threshold,
-            seq.steps, randomized(c))
-
-
-def _block_index(seqs: list[Sequence], b: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the requests' current blocks in their ``StatePool`` tensors: ``(slots, columns)``."""
-    slots = torch.tensor([s.slot for s in seqs], device=device)[:, None]
-    return slots, torch.tensor([s.block_start for s in seqs], device=device)[:, None] + torch.arange(b, device=device)
-
-
 def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
-    """Draw and select for requests of ``seqs`` grouped by ``decoding_key`` (``logits`` ``(B, >=b, V)``
+    """Draw and select for requests of ``seqs`` grouped by ``Sequence.decoding_key`` (``logits`` ``(B, >=b, V)``
     predicts each one's current block), each row from its own stream, then record each row."""
     groups: dict[tuple, list[int]] = {}
     for i, s in enumerate(seqs):
-        groups.setdefault(decoding_key(s), []).append(i)
+        groups.setdefault(s.decoding_key, []).append(i)
+    dev = logits.device
     for members in groups.values():
-        group = [seqs[i] for i in members]
+        group = [seqs[i] for i in members] if len(members) < len(seqs) else seqs
         c, b = group[0].config, group[0].block_size
         streams = [s.generator for s in group] if randomized(c) else None
-        d = draw(logits[members, :b], temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                 banned_ids=banned, generator=streams)
-        masked = group[0].pool.masked[_block_index(group, b, logits.device)]
-        at_start = torch.tensor([s.at_start for s in group], device=logits.device)
-        step = torch.tensor([s.step for s in group], device=logits.device)
+        d = draw(logits[members, :b] if group is not seqs else logits[:, :b], temperature=c.temperature,
+                 top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=streams)
+        # Each row's slot, block start, masked count at the block's start, step: one tensor, one copy.
+        slot, start, at_start, step = torch.tensor(
+            [(s.slot, s.block_start, s.at_start, s.step) for s in group], device=dev).unbind(1)
+        block = (slot[:, None], start[:, None] + torch.arange(b, device=dev))  # the current blocks in the pool
+        masked = group[0].pool.masked[block]
         chosen = select(c.strategy, d, masked, step_quota(at_start, step, group[0].steps),
                         threshold=c.threshold, eb_threshold=c.eb_threshold, generator=streams)
-        record(group, chosen, d.tokens, d.logprob, d.confidence)
+        record(group, block, masked, chosen, d.tokens, d.logprob, d.confidence)
 
 
 class Runner:
@@ -68,51 +60,59 @@ class Runner:
     def step(self, seqs: list[Sequence]) -> int:
         """One block step of ``seqs``; returns the number of query columns it ran.
 
-        Rows run in one forward per query length class, since a padded batch pads every row to
-        its longest query: the current block alone (most rows), the block that just became
-        final plus the current one (about one row in ``steps``), and prefills (longer).  On the
-        mixed-length benchmark splitting the first two made a 64-row step 1.3x cheaper than one
-        call padded to two blocks (docs/results.md)."""
-        b = self.cache.block_size
+        Most requests' query is their current block, about one in ``steps`` also holds the block
+        that just became final: both kinds run in one forward with one batch row per query block
+        (``row_per_block``: no row padded to two blocks, a broadcast mask; the current block's
+        row sees the final block's keys written in the same layer).  Prefills (the prompt's
+        blocks and the first one) run as one row each in a second forward, since a row per
+        prompt block would gather the whole key table once per block."""
         queries = [s.block - self.cache.committed_blocks(s.rid) + 1 for s in seqs]
-        classes: dict[int, list[int]] = {}
-        for i, q in enumerate(queries):
-            classes.setdefault(min(q, 3), []).append(i)  # 1, 2, or 3 = a prefill of any length
+        decoding = [i for i, q in enumerate(queries) if q <= 2]
+        prefill = [i for i, q in enumerate(queries) if q > 2]
         logits = None
-        for members in classes.values():
+        for members, row_per_block in ((decoding, True), (prefill, False)):
             if not members:
                 continue
-            part = self._forward([seqs[i] for i in members])
+            part = self._forward([seqs[i] for i in members], [queries[i] for i in members], row_per_block)
+            if len(members) == len(seqs):
+                logits = part
+                break
             if logits is None:
                 logits = part.new_empty((len(seqs),) + part.shape[1:])
             logits[members] = part
         unmask(seqs, logits, self.banned)
-        return int(sum(queries)) * b
+        return int(sum(queries)) * self.cache.block_size
 
-    def _forward(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One batched forward over ``seqs``; the logits predicting each current block (B, b, V)."""
+    def _forward(self, seqs: list[Sequence], blocks: list[int], row_per_block: bool) -> torch.Tensor:
+        """One batched forward over ``seqs`` (query: ``blocks[i]`` blocks from the committed
+        length, up to the current block); the logits predicting each current block (B, b, V)."""
         b, dev, cache = self.cache.block_size, self.model.device, self.cache
-        committed = [cache.committed_blocks(s.rid) for s in seqs]
-        blocks = [s.block - c + 1 for s, c in zip(seqs, committed)]
-        lq = max(blocks) * b
-        pool = seqs[0].pool
-        first = torch.tensor([c * b for c in committed], device=dev)[:, None]
+        # Per row of the view (sequence order, then block order): its first position, end of its
+        # query, length limit, slot.
+        if row_per_block:
+            per_row = [(k * b, (k + 1) * b, s.end, s.slot) for s, q in zip(seqs, blocks)
+                       for k in range(s.block - q + 1, s.block + 1)]
+        else:
+            per_row = [((s.block - q + 1) * b, (s.block + 1) * b, s.end, s.slot) for s, q in zip(seqs, blocks)]
+        first, query_end, end, slot = torch.tensor(per_row, device=dev).T[:, :, None]
+        lq = b if row_per_block else max(blocks) * b
         cols = first + torch.arange(lq, device=dev)  # absolute positions of the query columns
-        inside = cols < torch.tensor([(s.block + 1) * b for s in seqs], device=dev)[:, None]
-        slots = torch.tensor([s.slot for s in seqs], device=dev)[:, None]
-        ids = torch.where(inside, pool.tokens[slots, cols.clamp_max(pool.columns - 1)], seqs[0].pad_id)
-        valid = inside & (cols < torch.tensor([s.end for s in seqs], device=dev)[:, None])
-        view = cache.view([s.rid for s in seqs], blocks, valid)
+        inside = cols < query_end
+        pool = seqs[0].pool
+        ids = torch.where(inside, pool.tokens[slot, cols.clamp_max(pool.columns - 1)], seqs[0].pad_id)
+        view = cache.view([s.rid for s in seqs], blocks, inside & (cols < end), row_per_block=row_per_block)
         mask = view.attention_mask()
-        # Hidden states predicting the current block's columns (shifted: one column earlier).
-        offsets = torch.tensor([(q - 1) * b - self.shift for q in blocks], device=dev)
-        cols = (offsets[:, None] + torch.arange(b, device=dev)).clamp_min(0)
-        rows = torch.arange(len(seqs), device=dev)[:, None]
+        # The hidden states predicting each current block (its last row's last b columns; shifted:
+        # one column earlier, which for the block's first column is the end of the row before).
+        last_row = torch.tensor(list(itertools.accumulate(blocks if row_per_block else [1] * len(seqs))),
+                                device=dev)[:, None] - 1
+        last_col = (lq - b if row_per_block else torch.tensor(blocks, device=dev)[:, None] * b - b)
+        flat = (last_row * lq + last_col - self.shift + torch.arange(b, device=dev)).clamp_min(0)
         with self.timer:
             hidden, _ = self.model.hidden_states(
                 ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True,
             )
-            logits = self.model.lm_logits(hidden[rows, cols])
+            logits = self.model.lm_logits(hidden.flatten(0, 1)[flat])
         cache.commit(view, [q - 1 for q in blocks])
         if self.shift:
             for i, (s, q) in enumerate(zip(seqs, blocks)):

@@ -53,7 +53,10 @@ class Sequence:
         self.mask_id, self.pad_id = mask_id, pad_id
         self.device = device
         self.steps = config.steps or b
-        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        # Requests with equal keys share one draw/select call (runner.unmask).
+        self.decoding_key = (b, config.temperature, config.top_k, config.top_p, config.strategy, config.threshold,
+                             config.eb_threshold, self.steps, randomized(config))
+        self.stop_ids = frozenset(int(t) for t in stop_ids)
         self.stop_strings = tuple(stop_strings)
         if self.stop_strings and decode is None:
             raise ValueError("Sequence: stop_strings need decode")
@@ -103,18 +106,19 @@ class Sequence:
         s = self.block_start
         return max(0, min(s + self.block_size, self.end) - max(s, len(self.prompt)))
 
-    def block_final(self) -> None:
-        """The current block has no masked position left (``state.record`` found it): check
-        for a stop string or token, then finish or move to the next block."""
+    def block_final(self, block_tokens: list[int]) -> None:
+        """The current block has no masked position left (``state.record`` found it and passes
+        its ``block_size`` tokens): check for a stop string or token, then finish or move to the
+        next block."""
         s, e = self.block_start, self.block_start + self.block_size
         lo, hi = max(s, len(self.prompt)), min(e, self.end)  # generated positions of the block
-        stops = torch.isin(self.tokens[lo:hi], self.stop_ids).nonzero()
-        string_end = self._stop_string_end(lo, lo + int(stops[0]) if len(stops) else hi)
+        stop = next((lo + i for i, t in enumerate(block_tokens[lo - s:hi - s]) if t in self.stop_ids), None)
+        string_end = self._stop_string_end(lo, hi if stop is None else stop)
         if string_end is not None:
             self.finished_at = string_end
             self.finish("stop")
-        elif len(stops):
-            self.finished_at = lo + int(stops[0])
+        elif stop is not None:
+            self.finished_at = stop
             self.finish("stop")
         elif e >= self.end:
             self.finish("length")

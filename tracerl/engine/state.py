@@ -60,29 +60,29 @@ def request_slots(seqs: list[Sequence], max_running: int, device) -> StatePool:
     return StatePool(min(max_running, len(seqs)), max(len(s.tokens) for s in seqs), device)
 
 
-def record(seqs: list[Sequence], chosen: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor,
-           confidence: torch.Tensor) -> None:
+def record(seqs: list[Sequence], block: tuple[torch.Tensor, torch.Tensor], masked: torch.Tensor,
+           chosen: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor, confidence: torch.Tensor) -> None:
     """One forward's unmasking of the current blocks of ``seqs`` (bound requests of one pool and
-    one block size; all ``(G, b)``), then each request whose block became final moves on
-    (``Sequence.block_final``: stop check, finish or next block)."""
+    one block size; ``block`` indexes their blocks in the pool, ``masked`` is the pool's mask
+    there before this step, the rest ``(G, b)``), then each request whose block became final
+    moves on (``Sequence.block_final``: stop check, finish or next block)."""
     pool = seqs[0].pool
     if pool is None or any(s.pool is not pool for s in seqs):
         raise ValueError("record: every request must hold a slot of one StatePool")
-    dev, b = chosen.device, chosen.shape[1]
     for s in seqs:
         s.nfe += 1
         s.step += 1
         s.status = Status.DENOISING
-    slots = torch.tensor([s.slot for s in seqs], device=dev)[:, None]
-    cols = torch.tensor([s.block_start for s in seqs], device=dev)[:, None] + torch.arange(b, device=dev)
-    nfe = torch.tensor([s.nfe for s in seqs], device=dev)[:, None]
-    at = (slots, cols)
-    pool.tokens[at] = torch.where(chosen, tokens, pool.tokens[at])
-    pool.step_map[at] = torch.where(chosen, nfe, pool.step_map[at])
-    pool.logprob[at] = torch.where(chosen, logprob.float(), pool.logprob[at])
-    pool.confidence[at] = torch.where(chosen, confidence.float(), pool.confidence[at])
-    still = pool.masked[at] & ~chosen
-    pool.masked[at] = still
-    for s, final in zip(seqs, (~still.any(-1)).tolist()):  # the step's one host sync
-        if final:
-            s.block_final()
+    nfe = torch.tensor([s.nfe for s in seqs], device=chosen.device)[:, None]
+    block_tokens = torch.where(chosen, tokens, pool.tokens[block])
+    pool.tokens[block] = block_tokens
+    pool.step_map[block] = torch.where(chosen, nfe, pool.step_map[block])
+    pool.logprob[block] = torch.where(chosen, logprob.float(), pool.logprob[block])
+    pool.confidence[block] = torch.where(chosen, confidence.float(), pool.confidence[block])
+    still = masked & ~chosen
+    pool.masked[block] = still
+    final = ~still.any(-1)
+    finals = final.tolist()  # the step's host sync (a second one reads the final blocks, if any)
+    if any(finals):
+        for s, tokens_of_block in zip([s for s, f in zip(seqs, finals) if f], block_tokens[final].tolist()):
+            s.block_final(tokens_of_block)

@@ -66,20 +66,29 @@ def reference_logits(model, tokens: torch.Tensor, valid: torch.Tensor, b: int) -
         return model(tokens[None], attention_mask=mask, position_ids=pos)[0]
 
 
-def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=None):
+def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=None, row_per_block=False):
     """One batched forward through a view; checks every valid query column against the
-    sequence's own full forward.  Returns the view (for commit)."""
+    sequence's own full forward.  Returns the view (for commit).  ``query_valid`` is per
+    sequence ``(B, Lq)``; ``row_per_block`` runs every query block as a row of its own."""
     b = cache.block_size
-    view = cache.view(seq_ids, query_blocks, query_valid)
+    # The view's rows: (sequence, first query column of the row, columns in the row).
+    if row_per_block:
+        rows = [(i, k * b, b) for i, q in enumerate(query_blocks) for k in range(q)]
+    else:
+        rows = [(i, 0, q * b) for i, q in enumerate(query_blocks)]
+    if query_valid is not None and row_per_block:
+        query_valid = torch.stack([query_valid[i, c: c + n] for i, c, n in rows])
+    view = cache.view(seq_ids, query_blocks, query_valid, row_per_block=row_per_block)
     batch, lq = view.query_positions.shape
+    assert batch == len(rows) and lq == max(n for _, _, n in rows)
     ids = torch.zeros(batch, lq, dtype=torch.long)  # padding columns: any token, masked out
-    for i, sid in enumerate(seq_ids):
-        start = cache.committed_length(sid)
-        ids[i, : query_blocks[i] * b] = seqs.tokens[sid][start : start + query_blocks[i] * b]
+    for r, (i, c, n) in enumerate(rows):
+        start = cache.committed_length(seq_ids[i]) + c
+        ids[r, :n] = seqs.tokens[seq_ids[i]][start: start + n]
     mask = view.attention_mask()
     full = paged_block_mask(view.query_positions, view.query_valid, view.key_valid, b)
     assert full.shape == (batch, 1, lq, view.key_columns)
-    assert torch.equal(mask.expand_as(full), full)  # one-block queries: key_valid broadcast (B, 1, 1, K)
+    assert torch.equal(mask.expand_as(full), full)  # one-block rows: key_valid broadcast (R, 1, 1, K)
     assert view.key_columns == max(cache.committed_blocks(s) + q for s, q in zip(seq_ids, query_blocks)) * b
     assert mask.any(-1).all()  # no empty softmax row, padding included
     with torch.no_grad():
@@ -88,12 +97,14 @@ def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=N
         )
         logits = model.lm_logits(hidden)
     assert out_cache is view
-    for i, sid in enumerate(seq_ids):
-        start, n = cache.committed_length(sid), query_blocks[i] * b
-        ref = reference_logits(model, seqs.tokens[sid][: start + n], seqs.valid[sid][: start + n], b)[start:]
-        keep = view.query_valid[i, :n]
+    for r, (i, c, n) in enumerate(rows):
+        sid = seq_ids[i]
+        start = cache.committed_length(sid)
+        end = start + query_blocks[i] * b
+        ref = reference_logits(model, seqs.tokens[sid][:end], seqs.valid[sid][:end], b)[start + c: start + c + n]
+        keep = view.query_valid[r, :n]
         assert keep.any()
-        torch.testing.assert_close(logits[i, :n][keep], ref[keep], atol=atol, rtol=0)
+        torch.testing.assert_close(logits[r, :n][keep], ref[keep], atol=atol, rtol=0)
     return view
 
 
@@ -126,13 +137,14 @@ def mixed_state(model, atol):
     return cache, seqs
 
 
-def test_batched_current_blocks_equal_each_sequence_alone(setup):
+@pytest.mark.parametrize("row_per_block", [False, True])
+def test_batched_current_blocks_equal_each_sequence_alone(setup, row_per_block):
     model, atol = setup
     cache, seqs = mixed_state(model, atol)
     ids = list(PROMPTS)
     assert [cache.committed_blocks(s) for s in ids] == [0, 3, 4, 9]  # all different
     # ONE forward: every sequence's current block (s2: its finished block too) against its own pages.
-    view = paged_forward(model, cache, seqs, ids, [1, 1, 2, 1], atol)
+    view = paged_forward(model, cache, seqs, ids, [1, 1, 2, 1], atol, row_per_block=row_per_block)
     assert view.cached_columns == 9 * model.block_size
     used = cache.num_used
     cache.commit(view, 0)  # nothing was final: nothing is committed, no page moves
@@ -141,7 +153,10 @@ def test_batched_current_blocks_equal_each_sequence_alone(setup):
     assert [cache.held_pages(s) for s in ids] == [1, 4, 6, 10]
 
 
-def test_commit_then_next_forward_still_matches(setup):
+@pytest.mark.parametrize("row_per_block", [False, True])
+def test_commit_then_next_forward_still_matches(setup, row_per_block):
+    """(With ``row_per_block`` each new block's row reads the keys that the row of the block
+    before it wrote in the same forward.)"""
     model, atol = setup
     b = model.block_size
     cache, seqs = mixed_state(model, atol)
@@ -150,7 +165,7 @@ def test_commit_then_next_forward_still_matches(setup):
     # Every current block becomes final; the first forward of the next block commits it (s2: two).
     for sid, k in zip(ids, (0, 3, 5, 9)):
         seqs.decode(sid, k, b)
-    view = paged_forward(model, cache, seqs, ids, [2, 2, 3, 2], atol)
+    view = paged_forward(model, cache, seqs, ids, [2, 2, 3, 2], atol, row_per_block=row_per_block)
     cache.commit(view, [1, 1, 2, 1])
     assert [cache.committed_blocks(s) for s in ids] == [1, 4, 6, 10]
     assert cache.num_used == used + 5  # one page per new query block (s2: its blocks 5 and 6)
@@ -191,7 +206,8 @@ def test_freed_pages_are_reused_without_touching_other_sequences(setup):
     paged_forward(model, cache, seqs, ["s0", "s1", "s2", "s4"], [1, 1, 1, 1], atol)
 
 
-def test_invalid_slots_are_committed_as_invalid(setup):
+@pytest.mark.parametrize("row_per_block", [False, True])
+def test_invalid_slots_are_committed_as_invalid(setup, row_per_block):
     # A block cut short by the length limit (prompt 6, canvas ends at 7): position 7 holds no
     # token; once committed it must stay invisible to later blocks.
     model, atol = setup
@@ -202,7 +218,7 @@ def test_invalid_slots_are_committed_as_invalid(setup):
     cache.allocate("x")
     qvalid = seqs.valid["x"][: 2 * b][None]
     seqs.decode("x", 1, b, 0.5)
-    view = paged_forward(model, cache, seqs, ["x"], [2], atol, query_valid=qvalid)
+    view = paged_forward(model, cache, seqs, ["x"], [2], atol, query_valid=qvalid, row_per_block=row_per_block)
     cache.commit(view, 1)
     seqs.decode("x", 1, b)
     view = paged_forward(model, cache, seqs, ["x"], [1], atol, query_valid=seqs.valid["x"][b : 2 * b][None])
