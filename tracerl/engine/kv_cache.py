@@ -77,6 +77,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tracerl import masks
 from tracerl.errors import ConfigError, TracerlError
+from tracerl.models.attention import dense_attention
 
 if TYPE_CHECKING:
     from tracerl.models.model import DiffusionLM
@@ -322,14 +323,15 @@ class PagedKVCache:
     # -- one forward -------------------------------------------------------------------------
     def view(
         self, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int = 1,
-        query_valid: torch.Tensor | None = None, *, row_per_block: bool = False,
+        query_valid: torch.Tensor | None = None, *, row_per_block: bool = False, in_place: bool = False,
     ) -> PagedView:
         """The cache of one forward over ``query_blocks[i]`` blocks of sequence ``seq_ids[i]``,
         starting at its committed length (see ``PagedView``; ``row_per_block``: each query block
-        is a batch row of its own).  Every query block gets a page of its sequence (reserved
-        pages first, then free ones); all or nothing: ``KVCacheFullError`` leaves the pool and
-        every page table as they were."""
-        return PagedView(self, seq_ids, query_blocks, query_valid, row_per_block=row_per_block)
+        is a batch row of its own; ``in_place``: attention reads the pages itself, run the
+        forward inside ``models.attention.reading_keys_from(view)``).  Every query block gets a
+        page of its sequence (reserved pages first, then free ones); all or nothing:
+        ``KVCacheFullError`` leaves the pool and every page table as they were."""
+        return PagedView(self, seq_ids, query_blocks, query_valid, row_per_block=row_per_block, in_place=in_place)
 
     def _extend_tables(self, seqs: list[_Sequence], query_blocks: list[int]) -> None:
         short = [(s, s.committed + q - len(s.pages)) for s, q in zip(seqs, query_blocks)
@@ -388,6 +390,39 @@ def paged_block_mask(
     return allowed
 
 
+# What one more attention group costs on the CPU, in row x key-column units of padded attention:
+# a group adds a query selection, two gathers, an SDPA call and an output copy per layer (about
+# 50 us for the tiny presets), and one row-column of padded attention costs about 60 ns per layer
+# (2 cores, AVX-512; measured on the mixed-length benchmark).
+GROUP_OVERHEAD_COLUMNS = 1024
+
+
+def key_length_groups(lengths: np.ndarray, overhead: int | None) -> list[np.ndarray]:
+    """Rows (indices into ``lengths``, each row's key columns) split into at most three groups of
+    similar length, each padded to its longest row, minimising ``sum(rows * longest) + overhead
+    * groups`` (cut points over the rows sorted by length, all pairs at once).  ``overhead`` None:
+    one group, every row in order."""
+    n = len(lengths)
+    if overhead is None or n < 2:
+        return [np.arange(n)]
+    order = np.argsort(-lengths, kind="stable")
+    longest = lengths[order]  # descending: a group starting at sorted row c is padded to longest[c]
+    cut = np.arange(1, n)
+    best_cost, best_cuts = n * longest[0] + overhead, []
+    two = cut * longest[0] + (n - cut) * longest[cut] + 2 * overhead
+    if two.min() < best_cost:
+        best_cost, best_cuts = two.min(), [int(cut[two.argmin()])]
+    c1, c2 = cut[:, None], cut[None, :]
+    three = c1 * longest[0] + (c2 - c1) * longest[c1] + (n - c2) * longest[c2] + 3 * overhead
+    three = np.where(c2 > c1, three, np.iinfo(np.int64).max)
+    if three.min() < best_cost:
+        i, j = np.unravel_index(three.argmin(), three.shape)
+        best_cuts = [int(cut[i]), int(cut[j])]
+    if not best_cuts:
+        return [np.arange(n)]
+    return [np.sort(part) for part in np.split(order, best_cuts)]
+
+
 class _PagedLayer(CacheLayerMixin):
     """One attention layer's entry point into the view (transformers calls ``update`` per layer)."""
 
@@ -435,7 +470,7 @@ class PagedView(Cache):
 
     def __init__(
         self, cache: PagedKVCache, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int,
-        query_valid: torch.Tensor | None, row_per_block: bool = False,
+        query_valid: torch.Tensor | None, row_per_block: bool = False, in_place: bool = False,
     ) -> None:
         seq_ids = tuple(seq_ids)
         if not seq_ids:
@@ -467,12 +502,16 @@ class PagedView(Cache):
             row_seq, row_first, row_blocks = np.arange(batch), starts, q
         self.row_blocks = row_blocks.tolist()
         rows = len(row_seq)
-        lq = int(row_blocks.max()) * b
+        lq = (1 if row_per_block else max(query_blocks)) * b
         if query_valid is not None and tuple(query_valid.shape) != (rows, lq):
             raise ValueError(f"query_valid: shape {tuple(query_valid.shape)}, expected {(rows, lq)}")
         row_end = row_first + row_blocks  # a row's table: its sequence's pages up to its last query block
         pages = int(row_end.max())
         self.key_columns = pages * b
+        self._row_pages = row_end
+        self.in_place = in_place
+        self.mask: torch.Tensor | None = None  # attention_mask(), the object a key reader answers to
+        self._groups: list | None = None
 
         # Page index (R, P): padded slots point at page 0 and are masked out via key_valid.
         index = np.zeros((rows, pages), dtype=np.int64)
@@ -506,11 +545,15 @@ class PagedView(Cache):
         its own block; nothing later is in its table), so the mask is ``key_valid`` broadcast
         over the query axis, ``(R, 1, 1, K)``: the same numbers without the ``(R, 1, Lq, K)``
         tensor, and a cheaper SDPA on CPU."""
-        if max(self.row_blocks) == 1:
-            allowed = self.key_valid.clone()
-            allowed[:, 0] |= ~allowed.any(-1)
-            return allowed[:, None, None, :]
-        return paged_block_mask(self.query_positions, self.query_valid, self.key_valid, self.cache.block_size)
+        if self.mask is None:
+            if max(self.row_blocks) == 1:
+                allowed = self.key_valid.clone()
+                allowed[:, 0] |= ~allowed.any(-1)
+                self.mask = allowed[:, None, None, :]
+            else:
+                self.mask = paged_block_mask(self.query_positions, self.query_valid, self.key_valid,
+                                             self.cache.block_size)
+        return self.mask
 
     def _update(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         batch, lq = self.query_positions.shape
@@ -520,16 +563,22 @@ class PagedView(Cache):
                 f"the view expects {batch} x {lq} (query_positions.shape)"
             )
         self.written = True
-        return self._write_and_gather(self.cache.keys[layer], key_states, "keys"), \
-            self._write_and_gather(self.cache.values[layer], value_states, "values")
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        self._write(keys, key_states)
+        self._write(values, value_states)
+        if self.in_place:  # attend() reads the pages; transformers passes these on untouched
+            return key_states, value_states
+        return self._gather(keys, key_states, "keys"), self._gather(values, value_states, "values")
 
-    def _write_and_gather(self, pool: torch.Tensor, new: torch.Tensor, kind: str) -> torch.Tensor:
-        """Write the query blocks ``new`` ``(B, H, Lq, D)`` into their pages, then return every
-        row's pages as ``(B, H, P*b, D)`` (a transposed view of one gathered copy)."""
-        batch, heads, lq, dim = new.shape
-        b = self.cache.block_size
-        by_block = new.transpose(1, 2).unflatten(1, (lq // b, b))  # (B, nq, b, H, D)
+    def _write(self, pool: torch.Tensor, new: torch.Tensor) -> None:
+        """Write the query blocks ``new`` ``(R, H, Lq, D)`` into their pages."""
+        lq, b = new.shape[2], self.cache.block_size
+        by_block = new.transpose(1, 2).unflatten(1, (lq // b, b))  # (R, nq, b, H, D)
         pool[self._query_pages] = by_block[self._rows, self._blocks].to(pool.dtype)
+
+    def _gather(self, pool: torch.Tensor, new: torch.Tensor, kind: str) -> torch.Tensor:
+        """Every row's pages as ``(R, H, P*b, D)`` (a transposed view of one gathered copy)."""
+        batch, heads, lq, dim = new.shape
         # index_select into one buffer per kind, reused by every layer: a layer's attention has
         # read it before the next layer's update overwrites it (3x faster than pool[index]).
         flat = self.page_index.reshape(-1)
@@ -538,6 +587,54 @@ class PagedView(Cache):
             buffer = self._buffers[kind] = pool.new_empty((len(flat),) + tuple(pool.shape[1:]))
         torch.index_select(pool, 0, flat, out=buffer)
         return buffer.view(batch, self.key_columns, heads, dim).transpose(1, 2).to(new.dtype)
+
+    def attend(self, module, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Attention of ``query`` ``(R, heads, Lq, D)`` over the rows' pages, for an ``in_place``
+        view (``models.attention.reading_keys_from``): ``(R, Lq, heads, D)``.
+
+        Rows are attended in up to three groups of similar key length (``key_length_groups``),
+        each gathering and attending only as many key columns as its longest row: on the
+        mixed-length benchmark about half of a single padded table is padding."""
+        if self._groups is None:
+            self._groups = self._make_groups(query.device)
+        layer = module.layer_idx
+        pools = self.cache.keys[layer], self.cache.values[layer]
+        out = None
+        for g, (rows, flat, mask, width) in enumerate(self._groups):
+            keys, values = (self._gather_group(pool, flat, width, (kind, g))
+                            for kind, pool in zip(("keys", "values"), pools))
+            part, _ = dense_attention(module, query if rows is None else query.index_select(0, rows),
+                                      keys.to(query.dtype), values.to(query.dtype), mask, scaling=scaling)
+            if rows is None:
+                return part
+            if out is None:
+                out = part.new_empty((query.shape[0],) + part.shape[1:])
+            out.index_copy_(0, rows, part)
+        return out
+
+    def _make_groups(self, device) -> list:
+        b = self.cache.block_size
+        overhead = GROUP_OVERHEAD_COLUMNS if device.type == "cpu" else None
+        groups = key_length_groups(self._row_pages * b, overhead)
+        made = []
+        for rows in groups:
+            width = int(self._row_pages[rows].max())
+            whole = len(groups) == 1
+            index = self.page_index if whole else self.page_index[torch.from_numpy(rows).to(device)]
+            mask = self.mask if whole else self.mask.index_select(0, torch.from_numpy(rows).to(device))
+            made.append((None if whole else torch.from_numpy(rows).to(device),
+                         index[:, :width].reshape(-1), mask[..., : width * b], width))
+        return made
+
+    def _gather_group(self, pool: torch.Tensor, flat: torch.Tensor, width: int, key) -> torch.Tensor:
+        """The group's pages ``(rows, kv_heads, width*b, D)``, one buffer per group and kind reused
+        by every layer (a layer has attended before the next one gathers)."""
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = pool.new_empty((len(flat),) + tuple(pool.shape[1:]))
+        torch.index_select(pool, 0, flat, out=buffer)
+        b, heads, dim = pool.shape[1:]
+        return buffer.view(len(flat) // width, width * b, heads, dim).transpose(1, 2)
 
     # A view lives for one forward; the pool changes only through PagedKVCache.
     def crop(self, tokens_to_remove: int) -> None:

@@ -23,6 +23,7 @@ from tracerl.engine.state import record
 from tracerl.generation.decoders import ForwardTimer
 from tracerl.generation.sampling import draw
 from tracerl.generation.unmasking import select, step_quota
+from tracerl.models.attention import reading_keys_from, routes_attention
 
 
 def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
@@ -55,6 +56,8 @@ class Runner:
         self.shift = model.spec.logit_shift
         self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=model.device)
         self.timer = ForwardTimer(model.device, sync=False)  # CPU: time inside model calls; CUDA: counts only
+        # Attention reads the pages itself (by key-length groups) where the backbone lets it.
+        self.in_place = routes_attention(model.backbone)
 
     @torch.no_grad()
     def step(self, seqs: list[Sequence]) -> int:
@@ -100,7 +103,8 @@ class Runner:
         inside = cols < query_end
         pool = seqs[0].pool
         ids = torch.where(inside, pool.tokens[slot, cols.clamp_max(pool.columns - 1)], seqs[0].pad_id)
-        view = cache.view([s.rid for s in seqs], blocks, inside & (cols < end), row_per_block=row_per_block)
+        view = cache.view([s.rid for s in seqs], blocks, inside & (cols < end), row_per_block=row_per_block,
+                          in_place=self.in_place)
         mask = view.attention_mask()
         # The hidden states predicting each current block (its last row's last b columns; shifted:
         # one column earlier, which for the block's first column is the end of the row before).
@@ -108,7 +112,7 @@ class Runner:
                                 device=dev)[:, None] - 1
         last_col = (lq - b if row_per_block else torch.tensor(blocks, device=dev)[:, None] * b - b)
         flat = (last_row * lq + last_col - self.shift + torch.arange(b, device=dev)).clamp_min(0)
-        with self.timer:
+        with self.timer, reading_keys_from(view):
             hidden, _ = self.model.hidden_states(
                 ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True,
             )

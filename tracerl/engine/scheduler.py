@@ -42,9 +42,11 @@ class Scheduler:
 
     def schedule(self) -> list[Sequence]:
         """The requests of the next forward (empty when nothing is left to do)."""
-        while self.running and sum(map(self.commit_need, self.running)) > self.cache.num_free:
+        needs = [self.commit_need(s) for s in self.running]
+        while self.running and sum(needs) > self.cache.num_free:
             self._preempt(self.running[-1])
-        budget = self.cache.num_free - sum(map(self.commit_need, self.running))
+            needs.pop()
+        budget = self.cache.num_free - sum(needs)
         while self.waiting and len(self.running) < self.max_running:
             head = self.waiting[0]
             need = self.commit_need(head) + len(self.running)  # reserve: one page per running request

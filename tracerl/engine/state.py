@@ -77,8 +77,9 @@ def record(seqs: list[Sequence], block: tuple[torch.Tensor, torch.Tensor], maske
     block_tokens = torch.where(chosen, tokens, pool.tokens[block])
     pool.tokens[block] = block_tokens
     pool.step_map[block] = torch.where(chosen, nfe, pool.step_map[block])
-    pool.logprob[block] = torch.where(chosen, logprob.float(), pool.logprob[block])
-    pool.confidence[block] = torch.where(chosen, confidence.float(), pool.confidence[block])
+    if any(s.config.return_logprobs for s in seqs):  # read only by outputs that asked for them
+        pool.logprob[block] = torch.where(chosen, logprob.float(), pool.logprob[block])
+        pool.confidence[block] = torch.where(chosen, confidence.float(), pool.confidence[block])
     still = masked & ~chosen
     pool.masked[block] = still
     final = ~still.any(-1)

@@ -144,7 +144,10 @@ def exponential_from_uniform(u: torch.Tensor) -> torch.Tensor:
     """``float32(-log1p(-u))`` with libm's log1p for float64 ``u`` (see ``cpu_exponentials``)."""
     exact = torch.log1p(-u).neg_()
     out = exact.float()
-    near_midpoint = (exact * (1 + 2.0**-48)).float() != (exact * (1 - 2.0**-48)).float()
+    # float64 -> float32 drops the low 29 mantissa bits; a tie is exactly 2**28 of them.  The two
+    # log1p differ by at most a couple of float64 ulps, so only values within 16 of a tie can round apart.
+    dropped = exact.view(torch.int64) & (2**29 - 1)
+    near_midpoint = (dropped - 2**28).abs_() <= 16
     if near_midpoint.any():
         at = near_midpoint.nonzero(as_tuple=True)
         out[at] = torch.tensor([-math.log1p(-v) for v in u[at].tolist()], dtype=torch.float64).float()

@@ -14,6 +14,9 @@ only in memory: ``save_pretrained`` does not write it, so checkpoints load anywh
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -24,9 +27,43 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTENTION = "tracerl_sdpa"
 
 
+# A forward whose keys live outside the tensors transformers hands the attention function (the
+# engine's paged KV cache) registers a reader for its duration: a layer called with the reader's
+# own ``mask`` object gets ``reader.attend(module, query, scaling)`` instead, which reads the keys
+# where they are.  A context variable, like vLLM's forward context: per thread, per forward.
+_KEY_READER: contextvars.ContextVar = contextvars.ContextVar("tracerl_key_reader", default=None)
+
+
+@contextmanager
+def reading_keys_from(reader):
+    """During the block, attention called with ``reader.mask`` returns ``reader.attend(module,
+    query, scaling)`` ``(B, Lq, heads, head_dim)``; every other call runs as usual."""
+    token = _KEY_READER.set(reader)
+    try:
+        yield
+    finally:
+        _KEY_READER.reset(token)
+
+
+def routes_attention(backbone) -> bool:
+    """Whether ``backbone`` runs ``tracerl_sdpa`` (so a key reader can take over its attention)."""
+    return getattr(backbone.config, "_attn_implementation", None) == ATTENTION
+
+
 def tracerl_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs):
+    reader = _KEY_READER.get()
+    if reader is not None and attention_mask is reader.mask:
+        return reader.attend(module, query, scaling), None
+    return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           is_causal=is_causal, **kwargs)
+
+
+def dense_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    is_causal: bool | None = None, **kwargs):
+    """Attention over dense keys ``(B, kv_heads, K, D)``; returns ``(B, Lq, heads, D)``."""
     if isinstance(attention_mask, BlockMask):  # masks.flex_block_mask: the training path of loop.attention=flex
         if dropout:
             raise ValueError("FlexAttention path: attention dropout is not supported (set it to 0)")
