@@ -10,7 +10,9 @@ from transformers import DynamicCache
 from tests.support.tiny_models import scrambled
 from tracerl import masks
 from tracerl.engine import CacheGeometry, KVCacheFullError, PagedKVCache, bytes_per_page
-from tracerl.engine.kv_cache import paged_block_mask
+from tracerl.engine import kv_cache
+from tracerl.engine.kv_cache import key_length_groups, paged_block_mask
+from tracerl.models.attention import reading_keys_from
 from tracerl.errors import ConfigError, TracerlError
 from tracerl.models import load_model
 
@@ -66,10 +68,13 @@ def reference_logits(model, tokens: torch.Tensor, valid: torch.Tensor, b: int) -
         return model(tokens[None], attention_mask=mask, position_ids=pos)[0]
 
 
-def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=None, row_per_block=False):
+def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=None, row_per_block=False,
+                  in_place=False):
     """One batched forward through a view; checks every valid query column against the
     sequence's own full forward.  Returns the view (for commit).  ``query_valid`` is per
-    sequence ``(B, Lq)``; ``row_per_block`` runs every query block as a row of its own."""
+    sequence ``(B, Lq)``; ``row_per_block`` runs every query block as a row of its own;
+    ``in_place``: attention reads the pages itself (grouped by key length), with no
+    overhead per group so that rows of different lengths do form groups."""
     b = cache.block_size
     # The view's rows: (sequence, first query column of the row, columns in the row).
     if row_per_block:
@@ -78,7 +83,7 @@ def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=N
         rows = [(i, 0, q * b) for i, q in enumerate(query_blocks)]
     if query_valid is not None and row_per_block:
         query_valid = torch.stack([query_valid[i, c: c + n] for i, c, n in rows])
-    view = cache.view(seq_ids, query_blocks, query_valid, row_per_block=row_per_block)
+    view = cache.view(seq_ids, query_blocks, query_valid, row_per_block=row_per_block, in_place=in_place)
     batch, lq = view.query_positions.shape
     assert batch == len(rows) and lq == max(n for _, _, n in rows)
     ids = torch.zeros(batch, lq, dtype=torch.long)  # padding columns: any token, masked out
@@ -91,12 +96,15 @@ def paged_forward(model, cache, seqs, seq_ids, query_blocks, atol, query_valid=N
     assert torch.equal(mask.expand_as(full), full)  # one-block rows: key_valid broadcast (R, 1, 1, K)
     assert view.key_columns == max(cache.committed_blocks(s) + q for s, q in zip(seq_ids, query_blocks)) * b
     assert mask.any(-1).all()  # no empty softmax row, padding included
-    with torch.no_grad():
+    with torch.no_grad(), reading_keys_from(view), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kv_cache, "GROUP_OVERHEAD_COLUMNS", 0)
         hidden, out_cache = model.hidden_states(
             ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True
         )
         logits = model.lm_logits(hidden)
     assert out_cache is view
+    if in_place:  # the reader answered every layer, in more than one group when lengths differ
+        assert view._groups is not None and (len(view._groups) > 1) == (len(set(view._row_pages.tolist())) > 1)
     for r, (i, c, n) in enumerate(rows):
         sid = seq_ids[i]
         start = cache.committed_length(sid)
@@ -138,13 +146,14 @@ def mixed_state(model, atol):
 
 
 @pytest.mark.parametrize("row_per_block", [False, True])
-def test_batched_current_blocks_equal_each_sequence_alone(setup, row_per_block):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batched_current_blocks_equal_each_sequence_alone(setup, row_per_block, in_place):
     model, atol = setup
     cache, seqs = mixed_state(model, atol)
     ids = list(PROMPTS)
     assert [cache.committed_blocks(s) for s in ids] == [0, 3, 4, 9]  # all different
     # ONE forward: every sequence's current block (s2: its finished block too) against its own pages.
-    view = paged_forward(model, cache, seqs, ids, [1, 1, 2, 1], atol, row_per_block=row_per_block)
+    view = paged_forward(model, cache, seqs, ids, [1, 1, 2, 1], atol, row_per_block=row_per_block, in_place=in_place)
     assert view.cached_columns == 9 * model.block_size
     used = cache.num_used
     cache.commit(view, 0)  # nothing was final: nothing is committed, no page moves
@@ -154,7 +163,8 @@ def test_batched_current_blocks_equal_each_sequence_alone(setup, row_per_block):
 
 
 @pytest.mark.parametrize("row_per_block", [False, True])
-def test_commit_then_next_forward_still_matches(setup, row_per_block):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_commit_then_next_forward_still_matches(setup, row_per_block, in_place):
     """(With ``row_per_block`` each new block's row reads the keys that the row of the block
     before it wrote in the same forward.)"""
     model, atol = setup
@@ -165,7 +175,7 @@ def test_commit_then_next_forward_still_matches(setup, row_per_block):
     # Every current block becomes final; the first forward of the next block commits it (s2: two).
     for sid, k in zip(ids, (0, 3, 5, 9)):
         seqs.decode(sid, k, b)
-    view = paged_forward(model, cache, seqs, ids, [2, 2, 3, 2], atol, row_per_block=row_per_block)
+    view = paged_forward(model, cache, seqs, ids, [2, 2, 3, 2], atol, row_per_block=row_per_block, in_place=in_place)
     cache.commit(view, [1, 1, 2, 1])
     assert [cache.committed_blocks(s) for s in ids] == [1, 4, 6, 10]
     assert cache.num_used == used + 5  # one page per new query block (s2: its blocks 5 and 6)
@@ -207,7 +217,8 @@ def test_freed_pages_are_reused_without_touching_other_sequences(setup):
 
 
 @pytest.mark.parametrize("row_per_block", [False, True])
-def test_invalid_slots_are_committed_as_invalid(setup, row_per_block):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_invalid_slots_are_committed_as_invalid(setup, row_per_block, in_place):
     # A block cut short by the length limit (prompt 6, canvas ends at 7): position 7 holds no
     # token; once committed it must stay invisible to later blocks.
     model, atol = setup
@@ -218,7 +229,7 @@ def test_invalid_slots_are_committed_as_invalid(setup, row_per_block):
     cache.allocate("x")
     qvalid = seqs.valid["x"][: 2 * b][None]
     seqs.decode("x", 1, b, 0.5)
-    view = paged_forward(model, cache, seqs, ["x"], [2], atol, query_valid=qvalid, row_per_block=row_per_block)
+    view = paged_forward(model, cache, seqs, ["x"], [2], atol, query_valid=qvalid, row_per_block=row_per_block, in_place=in_place)
     cache.commit(view, 1)
     seqs.decode("x", 1, b)
     view = paged_forward(model, cache, seqs, ["x"], [1], atol, query_valid=seqs.valid["x"][b : 2 * b][None])
@@ -299,3 +310,24 @@ def test_sizing_errors_name_the_field():
         PagedKVCache.for_model(model, num_pages=0)
     with pytest.raises(ConfigError, match="attention"):
         PagedKVCache.for_model(load_model("tiny-full"), num_pages=4)
+
+
+def test_key_length_groups_pick_the_cheapest_split():
+    """Every row in exactly one group; the split costs no more than one group or any split of the
+    rows sorted by length into two or three runs; no overhead leaves nothing to group."""
+    rng = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        n = int(torch.randint(1, 9, (), generator=rng))
+        lengths = torch.randint(1, 50, (n,), generator=rng).numpy() * 4
+        overhead = int(torch.randint(0, 300, (), generator=rng))
+        groups = key_length_groups(lengths, overhead)
+        assert sorted(i for g in groups for i in g) == list(range(n)) and 1 <= len(groups) <= 3
+
+        def cost(parts):
+            return sum(len(p) * lengths[p].max() for p in parts) + overhead * len(parts)
+
+        order = sorted(range(n), key=lambda i: -lengths[i])
+        candidates = [[order]] + [[order[:i], order[i:]] for i in range(1, n)]
+        candidates += [[order[:i], order[i:j], order[j:]] for i in range(1, n) for j in range(i + 1, n)]
+        assert cost([list(g) for g in groups]) == min(cost(c) for c in candidates)
+    assert [g.tolist() for g in key_length_groups(lengths, None)] == [list(range(len(lengths)))]
