@@ -207,6 +207,7 @@ class PagedKVCache:
         self.page_valid = torch.zeros(self.num_pages, geometry.block_size, dtype=torch.bool, device=self.device)
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: hands out 0, 1, 2, ... first
         self._seqs: dict[Hashable, _Sequence] = {}
+        self._changes = 0  # commits and frees so far: a view made since the last one needs no re-check
 
     @classmethod
     def for_model(
@@ -284,6 +285,7 @@ class PagedKVCache:
         returns how many.  Freed pages are not cleared: a page is fully rewritten, valid mask
         included, by the commit that next fills it."""
         seq = self._seqs.pop(seq_id, None)
+        self._changes += 1
         if seq is None:
             raise ValueError(f"seq_id: unknown sequence {seq_id!r} (never allocated or already freed)")
         self._free.extend(reversed(seq.pages))
@@ -358,15 +360,17 @@ class PagedKVCache:
             raise ValueError(f"n_blocks: {len(n_blocks)} values for a view of {batch} sequences")
         if view.committed_done:
             raise ValueError("view: already committed (make a new view for the next forward)")
-        for sid, n, q, c in zip(view.seq_ids, n_blocks, view.query_blocks, view.start_blocks):
+        unchanged = view.cache_changes == self._changes  # nothing committed or freed since the view
+        for sid, seq, n, q, c in zip(view.seq_ids, view.sequences, n_blocks, view.query_blocks, view.start_blocks):
             if not 0 <= n <= q:
                 raise ValueError(f"n_blocks: {n} for sequence {sid!r}, whose query holds {q} blocks")
-            if sid not in self._seqs or self._seqs[sid].committed != c:
+            if not unchanged and (self._seqs.get(sid) is not seq or seq.committed != c):
                 raise ValueError(f"view: sequence {sid!r} changed (freed or committed) since the view was made")
         if any(n_blocks) and not view.written:
             raise ValueError("view: no forward has run through this view yet")
-        for sid, n in zip(view.seq_ids, n_blocks):
-            self._seqs[sid].committed += n
+        for seq, n in zip(view.sequences, n_blocks):
+            seq.committed += n
+        self._changes += 1
         view.committed_done = True
 
 
@@ -486,6 +490,8 @@ class PagedView(Cache):
 
         self.cache = cache
         self.seq_ids = seq_ids
+        self.sequences = seqs
+        self.cache_changes = cache._changes
         self.query_blocks = query_blocks
         self.start_blocks = [s.committed for s in seqs]
         self.committed_done = False

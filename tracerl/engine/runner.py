@@ -36,12 +36,16 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
     for members in groups.values():
         group = [seqs[i] for i in members] if len(members) < len(seqs) else seqs
         c, b = group[0].config, group[0].block_size
-        streams = [s.generator for s in group] if randomized(c) else None
+        # Each row's stream, and its slot, block start, masked count at the block's start and step
+        # (one tensor, one copy).
+        streams, facts = [], []
+        for s in group:
+            streams.append(s.generator)
+            facts.append((s.slot, s.block_start, s.at_start, s.step))
+        streams = streams if randomized(c) else None
         d = draw(logits[members, :b] if group is not seqs else logits[:, :b], temperature=c.temperature,
                  top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=streams)
-        # Each row's slot, block start, masked count at the block's start, step: one tensor, one copy.
-        slot, start, at_start, step = torch.tensor(
-            [(s.slot, s.block_start, s.at_start, s.step) for s in group], device=dev).unbind(1)
+        slot, start, at_start, step = torch.tensor(facts, device=dev).unbind(1)
         block = (slot[:, None], start[:, None] + torch.arange(b, device=dev))  # the current blocks in the pool
         masked = group[0].pool.masked[block]
         chosen = select(c.strategy, d, masked, step_quota(at_start, step, group[0].steps),
@@ -69,9 +73,11 @@ class Runner:
         row sees the final block's keys written in the same layer).  Prefills (the prompt's
         blocks and the first one) run as one row each in a second forward, since a row per
         prompt block would gather the whole key table once per block."""
-        queries = [s.block - self.cache.committed_blocks(s.rid) + 1 for s in seqs]
-        decoding = [i for i, q in enumerate(queries) if q <= 2]
-        prefill = [i for i, q in enumerate(queries) if q > 2]
+        queries, decoding, prefill = [], [], []
+        for i, s in enumerate(seqs):
+            q = s.block - self.cache.committed_blocks(s.rid) + 1
+            queries.append(q)
+            (decoding if q <= 2 else prefill).append(i)
         logits = None
         for members, row_per_block in ((decoding, True), (prefill, False)):
             if not members:

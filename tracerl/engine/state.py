@@ -66,14 +66,15 @@ def record(seqs: list[Sequence], block: tuple[torch.Tensor, torch.Tensor], maske
     one block size; ``block`` indexes their blocks in the pool, ``masked`` is the pool's mask
     there before this step, the rest ``(G, b)``), then each request whose block became final
     moves on (``Sequence.block_final``: stop check, finish or next block)."""
-    pool = seqs[0].pool
-    if pool is None or any(s.pool is not pool for s in seqs):
-        raise ValueError("record: every request must hold a slot of one StatePool")
+    pool, nfe = seqs[0].pool, []
     for s in seqs:
+        if s.pool is not pool or pool is None:
+            raise ValueError("record: every request must hold a slot of one StatePool")
         s.nfe += 1
         s.step += 1
         s.status = Status.DENOISING
-    nfe = torch.tensor([s.nfe for s in seqs], device=chosen.device)[:, None]
+        nfe.append(s.nfe)
+    nfe = torch.tensor(nfe, device=chosen.device)[:, None]
     block_tokens = torch.where(chosen, tokens, pool.tokens[block])
     pool.tokens[block] = block_tokens
     pool.step_map[block] = torch.where(chosen, nfe, pool.step_map[block])

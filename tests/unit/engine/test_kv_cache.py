@@ -276,6 +276,11 @@ def test_view_uses_reserved_pages_then_free_ones_and_fails_atomically():
     paged_forward(model, cache, seqs, ["y"], [1], 1e-10)  # reuses its provisional page: no new one
     with pytest.raises(ValueError, match="n_blocks"):
         cache.commit(cache.view(["y"], 1), 2)
+    stale = cache.view(["y"], 1)
+    cache.free("y")  # preempted and re-admitted between the view and its commit
+    cache.allocate("y")
+    with pytest.raises(ValueError, match="changed"):
+        cache.commit(stale, 0)
 
 
 def test_bytes_per_page_matches_real_tensors():
