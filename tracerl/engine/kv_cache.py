@@ -204,7 +204,9 @@ class PagedKVCache:
         # and 0 * (uninitialised NaN) would still be NaN.
         self.keys = [torch.zeros(shape, dtype=geometry.dtype, device=self.device) for _ in range(geometry.num_layers)]
         self.values = [torch.zeros(shape, dtype=geometry.dtype, device=self.device) for _ in range(geometry.num_layers)]
-        self.page_valid = torch.zeros(self.num_pages, geometry.block_size, dtype=torch.bool, device=self.device)
+        # Which slots hold a real token: host-side metadata (numpy), like the page tables, so a
+        # view computes its masks on the host and copies them to the device once.
+        self.page_valid = np.zeros((self.num_pages, geometry.block_size), dtype=bool)
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: hands out 0, 1, 2, ... first
         self._seqs: dict[Hashable, _Sequence] = {}
         self._changes = 0  # commits and frees so far: a view made since the last one needs no re-check
@@ -301,7 +303,8 @@ class PagedKVCache:
         def flat(pool: torch.Tensor) -> torch.Tensor:
             return pool[idx].reshape(len(idx) * b, h, d).transpose(0, 1)
 
-        return flat(self.keys[layer]), flat(self.values[layer]), self.page_valid[idx].reshape(-1)
+        return flat(self.keys[layer]), flat(self.values[layer]), \
+            torch.from_numpy(self.page_valid[seq.pages[: seq.committed]].reshape(-1))
 
     def usage(self) -> dict:
         """Memory report: pages in use, committed tokens, bytes per page / per token
@@ -530,16 +533,21 @@ class PagedView(Cache):
         self._blocks = torch.from_numpy(block_in_row).to(dev)
         self._query_pages = torch.from_numpy(index[block_row, row_first[block_row] + block_in_row]).to(dev)
 
-        structural = (torch.arange(lq)[None, :] < torch.from_numpy(row_blocks * b)[:, None]).to(dev)
+        # Query validity and positions, and each row's key validity, computed on the host.
+        structural = np.arange(lq)[None, :] < (row_blocks * b)[:, None]
         if query_valid is not None:
-            structural = structural & query_valid.to(device=dev, dtype=torch.bool)
-        self.query_valid = structural
-        first = torch.from_numpy(row_first * b).to(dev)[:, None]
-        self.query_positions = torch.where(structural, first + torch.arange(lq, device=dev), first)
+            structural &= query_valid.cpu().numpy() if isinstance(query_valid, torch.Tensor) else query_valid
+        first = (row_first * b)[:, None]
+        positions = np.where(structural, first + np.arange(lq), first)
         # The query blocks' slots are (re)written by this forward: their validity now, the keys in _update.
-        cache.page_valid[self._query_pages] = structural.unflatten(1, (lq // b, b))[self._rows, self._blocks]
-        filled = torch.arange(pages)[None, :] < torch.from_numpy(row_end)[:, None]
-        self.key_valid = (cache.page_valid[self.page_index] & filled.to(dev)[:, :, None]).reshape(rows, pages * b)
+        cache.page_valid[index[block_row, row_first[block_row] + block_in_row]] = \
+            structural.reshape(rows, lq // b, b)[block_row, block_in_row]
+        filled = np.arange(pages)[None, :] < row_end[:, None]
+        key_valid = (cache.page_valid[index] & filled[:, :, None]).reshape(rows, pages * b)
+        self._key_valid_host = key_valid
+        self.query_valid = torch.from_numpy(structural).to(dev)
+        self.query_positions = torch.from_numpy(positions).to(dev)
+        self.key_valid = torch.from_numpy(key_valid).to(dev)
 
         self._buffers: dict[str, torch.Tensor] = {}
         n_layers = cache.geometry.num_layers
@@ -553,9 +561,9 @@ class PagedView(Cache):
         tensor, and a cheaper SDPA on CPU."""
         if self.mask is None:
             if max(self.row_blocks) == 1:
-                allowed = self.key_valid.clone()
+                allowed = self._key_valid_host.copy()
                 allowed[:, 0] |= ~allowed.any(-1)
-                self.mask = allowed[:, None, None, :]
+                self.mask = torch.from_numpy(allowed).to(self.cache.device)[:, None, None, :]
             else:
                 self.mask = paged_block_mask(self.query_positions, self.query_valid, self.key_valid,
                                              self.cache.block_size)

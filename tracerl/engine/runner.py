@@ -13,8 +13,7 @@ alike), ``step_quota`` from the block's own masked count and step.
 
 from __future__ import annotations
 
-import itertools
-
+import numpy as np
 import torch
 
 from tracerl.engine.kv_cache import PagedKVCache
@@ -103,21 +102,23 @@ class Runner:
                        for k in range(s.block - q + 1, s.block + 1)]
         else:
             per_row = [((s.block - q + 1) * b, (s.block + 1) * b, s.end, s.slot) for s, q in zip(seqs, blocks)]
-        first, query_end, end, slot = torch.tensor(per_row, device=dev).T[:, :, None]
+        # Positions, validity and indices are worked out on the host (numpy), then copied once.
+        first, query_end, end, slot = np.array(per_row, dtype=np.int64).T[:, :, None]
         lq = b if row_per_block else max(blocks) * b
-        cols = first + torch.arange(lq, device=dev)  # absolute positions of the query columns
+        cols = first + np.arange(lq)  # absolute positions of the query columns
         inside = cols < query_end
         pool = seqs[0].pool
-        ids = torch.where(inside, pool.tokens[slot, cols.clamp_max(pool.columns - 1)], seqs[0].pad_id)
+        ids = pool.tokens[torch.from_numpy(slot).to(dev), torch.from_numpy(np.minimum(cols, pool.columns - 1)).to(dev)]
+        ids.masked_fill_(torch.from_numpy(~inside).to(dev), seqs[0].pad_id)
         view = cache.view([s.rid for s in seqs], blocks, inside & (cols < end), row_per_block=row_per_block,
                           in_place=self.in_place)
         mask = view.attention_mask()
         # The hidden states predicting each current block (its last row's last b columns; shifted:
         # one column earlier, which for the block's first column is the end of the row before).
-        last_row = torch.tensor(list(itertools.accumulate(blocks if row_per_block else [1] * len(seqs))),
-                                device=dev)[:, None] - 1
-        last_col = (lq - b if row_per_block else torch.tensor(blocks, device=dev)[:, None] * b - b)
-        flat = (last_row * lq + last_col - self.shift + torch.arange(b, device=dev)).clamp_min(0)
+        q = np.array(blocks, dtype=np.int64)[:, None]
+        last_row = (np.cumsum(q) if row_per_block else np.arange(1, len(seqs) + 1))[:, None] - 1
+        last_col = lq - b if row_per_block else (q - 1) * b
+        flat = torch.from_numpy(np.maximum(last_row * lq + last_col - self.shift + np.arange(b), 0)).to(dev)
         with self.timer, reading_keys_from(view):
             hidden, _ = self.model.hidden_states(
                 ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True,
