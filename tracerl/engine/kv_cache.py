@@ -56,8 +56,12 @@ Why pages rather than one fixed slot of ``max_len`` columns per sequence.
 * Memory is accounted per page: ``bytes_per_page`` (from the model config) and ``usage()`` report
   bytes per token and what is in use.
 The price is one gather per layer per forward (a copy of the batch's keys and values, the size
-of what attention reads anyway); a kernel reading pages in place would remove it without changing
-this layout or the mask.
+of what attention reads anyway).  With ``view(..., in_place=True)`` and the forward run inside
+``models.attention.reading_keys_from(view)``, attention itself reads the pages
+(``PagedView.attend``): rows are split into up to three groups of similar key length
+(``key_length_groups``), each gathered and attended only as wide as its longest row, so short
+rows are not padded to the longest (about half of one padded table on the engine benchmark).
+A kernel reading pages in place would remove the gather without changing this layout or the mask.
 
 Families.  The view reproduces the hidden states of the query columns exactly, whatever the
 family.  A shifted family reads the logits of column s-1 for column s: for the first column of a
