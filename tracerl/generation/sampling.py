@@ -31,7 +31,7 @@ def sampling_distribution(
     greedy token, and its probabilities are the confidences the rules need).
     """
     logits = logits.float()
-    if temperature > 0:
+    if temperature > 0 and temperature != 1:  # dividing by 1 changes nothing
         logits = logits / temperature
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
