@@ -42,7 +42,7 @@ is committed by the first forward of the next block", so committing costs no ext
 no copy.  With ``view(..., row_per_block=True)`` each query block is a batch row of its own
 (``Lq`` = one block, no padding between queries of one and two blocks, and a mask that is a
 broadcast of the key validity); a row sees the query blocks before it in its sequence because
-every layer writes all query blocks before it gathers.
+every layer writes all query blocks before it reads any.
 
 Why pages rather than one fixed slot of ``max_len`` columns per sequence.
 * Pages are diffusion blocks, the unit in which keys become final, so a page is written once,
@@ -81,7 +81,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tracerl import masks
 from tracerl.errors import ConfigError, TracerlError
-from tracerl.models.attention import dense_attention
+from tracerl.models.attention import active_key_reader, dense_attention
 
 if TYPE_CHECKING:
     from tracerl.models.model import DiffusionLM
@@ -308,7 +308,7 @@ class PagedKVCache:
             return pool[idx].reshape(len(idx) * b, h, d).transpose(0, 1)
 
         return flat(self.keys[layer]), flat(self.values[layer]), \
-            torch.from_numpy(self.page_valid[seq.pages[: seq.committed]].reshape(-1))
+            torch.from_numpy(self.page_valid[seq.pages[: seq.committed]].reshape(-1)).to(self.device)
 
     def usage(self) -> dict:
         """Memory report: pages in use, committed tokens, bytes per page / per token
@@ -332,7 +332,8 @@ class PagedKVCache:
     # -- one forward -------------------------------------------------------------------------
     def view(
         self, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int = 1,
-        query_valid: torch.Tensor | None = None, *, row_per_block: bool = False, in_place: bool = False,
+        query_valid: torch.Tensor | np.ndarray | None = None, *, row_per_block: bool = False,
+        in_place: bool = False,
     ) -> PagedView:
         """The cache of one forward over ``query_blocks[i]`` blocks of sequence ``seq_ids[i]``,
         starting at its committed length (see ``PagedView``; ``row_per_block``: each query block
@@ -469,10 +470,10 @@ class PagedView(Cache):
     sequence order, then block order), which needs no padding when queries differ in length and
     whose mask is a broadcast (below).  A later block's row still sees its sequence's earlier
     query blocks: every layer writes all query blocks into their pages before it gathers any
-    row's keys (``_write_and_gather``).  Feed the model ``input_ids`` ``(R, Lq)`` (R rows),
+    row's keys (``_update``: ``_write``, then ``_gather`` or ``attend``).  Feed the model ``input_ids`` ``(R, Lq)`` (R rows),
     ``position_ids=view.query_positions``, ``attention_mask=view.attention_mask()`` and
     ``cache=view``; then call ``cache.commit(view, n_blocks)`` (per sequence).  ``query_valid``
-    ``(R, Lq)`` marks query columns that hold no token (a block cut short by a length limit);
+    ``(R, Lq)`` (a boolean tensor or numpy array) marks query columns that hold no token (a block cut short by a length limit);
     columns past a row's query are always invalid.  Invalid columns get the position of the
     row's first query column, so padding never feeds the model a position past the real ones.
     Key column j of a row is position j of its sequence (its pages in order, up to the row's
@@ -481,7 +482,7 @@ class PagedView(Cache):
 
     def __init__(
         self, cache: PagedKVCache, seq_ids: Sequence[Hashable], query_blocks: Sequence[int] | int,
-        query_valid: torch.Tensor | None, row_per_block: bool = False, in_place: bool = False,
+        query_valid: torch.Tensor | np.ndarray | None, row_per_block: bool = False, in_place: bool = False,
     ) -> None:
         seq_ids = tuple(seq_ids)
         if not seq_ids:
@@ -524,6 +525,7 @@ class PagedView(Cache):
         self._row_pages = row_end
         self.in_place = in_place
         self.mask: torch.Tensor | None = None  # attention_mask(), the object a key reader answers to
+        self.attended = 0  # layers that attended through attend() (in_place: one per layer)
         self._groups: list | None = None
 
         # Page index (R, P): padded slots point at page 0 and are masked out via key_valid.
@@ -585,6 +587,9 @@ class PagedView(Cache):
         self._write(keys, key_states)
         self._write(values, value_states)
         if self.in_place:  # attend() reads the pages; transformers passes these on untouched
+            if active_key_reader() is not self:
+                raise RuntimeError("PagedView(in_place=True): run the forward inside "
+                                   "models.attention.reading_keys_from(view)")
             return key_states, value_states
         return self._gather(keys, key_states, "keys"), self._gather(values, value_states, "values")
 
@@ -615,6 +620,7 @@ class PagedView(Cache):
         mixed-length benchmark about half of a single padded table is padding."""
         if self._groups is None:
             self._groups = self._make_groups(query.device)
+        self.attended += 1
         layer = module.layer_idx
         pools = self.cache.keys[layer], self.cache.values[layer]
         out = None
@@ -648,7 +654,7 @@ class PagedView(Cache):
         """The group's pages ``(rows, kv_heads, width*b, D)``, one buffer per group and kind reused
         by every layer (a layer has attended before the next one gathers)."""
         buffer = self._buffers.get(key)
-        if buffer is None:
+        if buffer is None or torch.is_grad_enabled():
             buffer = self._buffers[key] = pool.new_empty((len(flat),) + tuple(pool.shape[1:]))
         torch.index_select(pool, 0, flat, out=buffer)
         b, heads, dim = pool.shape[1:]

@@ -67,11 +67,12 @@ class Runner:
         """One block step of ``seqs``; returns the number of query columns it ran.
 
         Most requests' query is their current block, about one in ``steps`` also holds the block
-        that just became final: both kinds run in one forward with one batch row per query block
-        (``row_per_block``: no row padded to two blocks, a broadcast mask; the current block's
-        row sees the final block's keys written in the same layer).  Prefills (the prompt's
-        blocks and the first one) run as one row each in a second forward, since a row per
-        prompt block would gather the whole key table once per block."""
+        that just became final: both kinds (and prefills of at most two blocks) run in one
+        forward with one batch row per query block (``row_per_block``: no row padded to two
+        blocks, a broadcast mask; the current block's row sees the final block's keys written in
+        the same layer).  Longer prefills (the prompt's blocks and the first one) run as one row
+        each in a second forward, since a row per prompt block would gather the whole key table
+        once per block."""
         queries, decoding, prefill = [], [], []
         for i, s in enumerate(seqs):
             q = s.block - self.cache.committed_blocks(s.rid) + 1
@@ -124,6 +125,9 @@ class Runner:
                 ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True,
             )
             logits = self.model.lm_logits(hidden.flatten(0, 1)[flat])
+        if view.in_place and view.attended != cache.geometry.num_layers:
+            raise RuntimeError(f"paged attention: {view.attended} of {cache.geometry.num_layers} layers read the "
+                               "pages (the backbone must call tracerl_sdpa with the view's mask)")
         cache.commit(view, [q - 1 for q in blocks])
         if self.shift:
             for i, (s, q) in enumerate(zip(seqs, blocks)):

@@ -84,7 +84,7 @@ def record(seqs: list[Sequence], block: tuple[torch.Tensor, torch.Tensor], maske
     still = masked & ~chosen
     pool.masked[block] = still
     final = ~still.any(-1)
-    finals = final.tolist()  # the step's host sync (a second one reads the final blocks, if any)
+    finals = final.tolist()  # a host sync (a second one reads the final blocks, if any)
     if any(finals):
         for s, tokens_of_block in zip([s for s, f in zip(seqs, finals) if f], block_tokens[final].tolist()):
             s.block_final(tokens_of_block)

@@ -134,10 +134,18 @@ def cpu_exponentials(shape: torch.Size | tuple[int, ...], generators: Sequence[t
     float64: that changes the float32 only for a value within a few ulps of a float32 rounding
     midpoint (about 1 element in 10^7), so those few are recomputed with libm (``math.log1p``).
     CUDA's Philox streams differ, so CUDA rows keep ``exponential_``."""
-    u = torch.empty(shape, dtype=torch.float64)
-    for r, g in enumerate(generators):
-        u[r].uniform_(generator=g)
-    return exponential_from_uniform(u)
+    out = torch.empty(shape, dtype=torch.float32)
+    per_row = out[0].numel() if len(out) else 1
+    chunk = max(1, CHUNK_ELEMENTS // per_row)  # float64 temporaries of a few rows at a time, not of the batch
+    for lo in range(0, len(generators), chunk):
+        u = torch.empty((min(chunk, len(generators) - lo), *out.shape[1:]), dtype=torch.float64)
+        for r, g in enumerate(generators[lo:lo + chunk]):
+            u[r].uniform_(generator=g)
+        out[lo:lo + len(u)] = exponential_from_uniform(u)
+    return out
+
+
+CHUNK_ELEMENTS = 2**22  # cpu_exponentials' float64 working set: 32 MiB per temporary
 
 
 def exponential_from_uniform(u: torch.Tensor) -> torch.Tensor:

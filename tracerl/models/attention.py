@@ -45,6 +45,11 @@ def reading_keys_from(reader):
         _KEY_READER.reset(token)
 
 
+def active_key_reader():
+    """The key reader of the forward running in this thread, if any."""
+    return _KEY_READER.get()
+
+
 def routes_attention(backbone) -> bool:
     """Whether ``backbone`` runs ``tracerl_sdpa`` (so a key reader can take over its attention)."""
     return getattr(backbone.config, "_attn_implementation", None) == ATTENTION
@@ -55,6 +60,9 @@ def tracerl_sdpa(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
                  is_causal: bool | None = None, **kwargs):
     reader = _KEY_READER.get()
     if reader is not None and attention_mask is reader.mask:
+        unsupported = [k for k in ("softcap", "s_aux", "position_bias", "sliding_window") if kwargs.get(k) is not None]
+        if unsupported or dropout:
+            raise ValueError(f"paged attention: {', '.join(unsupported) or 'dropout'} is not supported here")
         return reader.attend(module, query, scaling), None
     return dense_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                            is_causal=is_causal, **kwargs)

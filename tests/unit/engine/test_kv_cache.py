@@ -317,6 +317,18 @@ def test_sizing_errors_name_the_field():
         PagedKVCache.for_model(load_model("tiny-full"), num_pages=4)
 
 
+def test_in_place_view_refuses_a_forward_without_its_reader():
+    """Without ``reading_keys_from(view)`` an in-place view's layers would attend only to the
+    query's own keys: the view refuses instead."""
+    model = scrambled("tiny-block", dtype=torch.float64)
+    cache = PagedKVCache.for_model(model, num_pages=4)
+    cache.allocate("a")
+    view = cache.view(["a"], 1, in_place=True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="reading_keys_from"):
+        model.hidden_states(torch.zeros(1, model.block_size, dtype=torch.long), attention_mask=view.attention_mask(),
+                            position_ids=view.query_positions, cache=view, use_cache=True)
+
+
 def test_key_length_groups_pick_the_cheapest_split():
     """Every row in exactly one group; the split costs no more than one group or any split of the
     rows sorted by length into two or three runs; no overhead leaves nothing to group."""

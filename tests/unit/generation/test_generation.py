@@ -14,6 +14,7 @@ from tests.support.tiny_models import scrambled
 from tracerl import masks
 from tracerl.errors import ConfigError
 from tracerl.generation import STRATEGIES, SamplingConfig, derive_seed, generate
+from tracerl.generation import sampling
 from tracerl.generation.sampling import cpu_exponentials, draw, exponential_from_uniform, sampling_distribution
 from tracerl.generation.unmasking import select, step_quota
 
@@ -366,11 +367,14 @@ def test_derive_seed_is_stable_and_separates_keys():
         derive_seed()
 
 
-def test_cpu_exponentials_are_exponential_bit_for_bit():
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_cpu_exponentials_are_exponential_bit_for_bit(monkeypatch, chunk_rows):
     """The per-row race noise drawn as float64 uniforms + one vectorised log1p equals what
     ``exponential_`` draws from each row's generator, and leaves every stream where
-    ``exponential_`` leaves it."""
+    ``exponential_`` leaves it (also when the rows are processed a few at a time)."""
     shape = (6, 4, 100_003)
+    if chunk_rows:
+        monkeypatch.setattr(sampling, "CHUNK_ELEMENTS", chunk_rows * shape[1] * shape[2])
     fast_gens = [torch.Generator().manual_seed(100 + r) for r in range(shape[0])]
     slow_gens = [torch.Generator().manual_seed(100 + r) for r in range(shape[0])]
     slow = torch.empty(shape)
