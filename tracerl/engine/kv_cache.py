@@ -525,6 +525,7 @@ class PagedView(Cache):
         self._row_pages = row_end
         self.in_place = in_place
         self.mask: torch.Tensor | None = None  # attention_mask(), the object a key reader answers to
+        self._mask_host: np.ndarray | None = None  # a one-block mask (R, K) on the host
         self.attended = 0  # layers that attended through attend() (in_place: one per layer)
         self._groups: list | None = None
 
@@ -534,6 +535,7 @@ class PagedView(Cache):
             index[r, :e] = seqs[i].table[:e]
         block_row = np.repeat(np.arange(rows), row_blocks)  # one entry per query block: its row, its block in the row
         block_in_row = np.arange(len(block_row)) - np.repeat(np.cumsum(row_blocks) - row_blocks, row_blocks)
+        self._index_host = index
         self.page_index = torch.from_numpy(index).to(dev)
         self._rows = torch.from_numpy(block_row).to(dev)
         self._blocks = torch.from_numpy(block_in_row).to(dev)
@@ -569,6 +571,7 @@ class PagedView(Cache):
             if max(self.row_blocks) == 1:
                 allowed = self._key_valid_host.copy()
                 allowed[:, 0] |= ~allowed.any(-1)
+                self._mask_host = allowed
                 self.mask = torch.from_numpy(allowed).to(self.cache.device)[:, None, None, :]
             else:
                 self.mask = paged_block_mask(self.query_positions, self.query_valid, self.key_valid,
@@ -619,7 +622,7 @@ class PagedView(Cache):
         each gathering and attending only as many key columns as its longest row: on the
         mixed-length benchmark about half of a single padded table is padding."""
         if self._groups is None:
-            self._groups = self._make_groups(query.device)
+            self.plan_attention()
         self.attended += 1
         layer = module.layer_idx
         pools = self.cache.keys[layer], self.cache.values[layer]
@@ -636,18 +639,30 @@ class PagedView(Cache):
             out.index_copy_(0, rows, part)
         return out
 
+    def plan_attention(self) -> None:
+        """Split the rows into key-length groups for ``attend`` (host work, done before the
+        forward so that it is not timed as model time; ``attend`` does it if nobody did)."""
+        self._groups = self._make_groups(self.cache.device)
+
     def _make_groups(self, device) -> list:
+        """Per group: its rows (None: all, in order), flat page index, mask and width in pages,
+        cut from the host copies of the page index and of a one-block mask."""
         b = self.cache.block_size
+        mask = self.attention_mask()
         overhead = GROUP_OVERHEAD_COLUMNS if device.type == "cpu" else None
         groups = key_length_groups(self._row_pages * b, overhead)
+        if len(groups) == 1:
+            return [(None, self.page_index.reshape(-1), mask, self.key_columns // b)]
         made = []
         for rows in groups:
             width = int(self._row_pages[rows].max())
-            whole = len(groups) == 1
-            index = self.page_index if whole else self.page_index[torch.from_numpy(rows).to(device)]
-            mask = self.mask if whole else self.mask.index_select(0, torch.from_numpy(rows).to(device))
-            made.append((None if whole else torch.from_numpy(rows).to(device),
-                         index[:, :width].reshape(-1), mask[..., : width * b], width))
+            at = torch.from_numpy(rows).to(device)
+            flat = torch.from_numpy(self._index_host[rows, :width].reshape(-1)).to(device)
+            if self._mask_host is not None:
+                part = torch.from_numpy(self._mask_host[rows, : width * b]).to(device)[:, None, None, :]
+            else:
+                part = mask.index_select(0, at)[..., : width * b]
+            made.append((at, flat, part, width))
         return made
 
     def _gather_group(self, pool: torch.Tensor, flat: torch.Tensor, width: int, key) -> torch.Tensor:

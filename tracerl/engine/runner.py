@@ -114,6 +114,8 @@ class Runner:
         view = cache.view([s.rid for s in seqs], blocks, inside & (cols < end), row_per_block=row_per_block,
                           in_place=self.in_place)
         mask = view.attention_mask()
+        if view.in_place:
+            view.plan_attention()
         # The hidden states predicting each current block (its last row's last b columns; shifted:
         # one column earlier, which for the block's first column is the end of the row before).
         q = np.array(blocks, dtype=np.int64)[:, None]
