@@ -539,7 +539,8 @@ class PagedView(Cache):
         self.page_index = torch.from_numpy(index).to(dev)
         self._rows = torch.from_numpy(block_row).to(dev)
         self._blocks = torch.from_numpy(block_in_row).to(dev)
-        self._query_pages = torch.from_numpy(index[block_row, row_first[block_row] + block_in_row]).to(dev)
+        query_pages = index[block_row, row_first[block_row] + block_in_row]
+        self._query_pages = torch.from_numpy(query_pages).to(dev)
 
         # Query validity and positions, and each row's key validity, computed on the host.
         structural = np.arange(lq)[None, :] < (row_blocks * b)[:, None]
@@ -548,8 +549,7 @@ class PagedView(Cache):
         first = (row_first * b)[:, None]
         positions = np.where(structural, first + np.arange(lq), first)
         # The query blocks' slots are (re)written by this forward: their validity now, the keys in _update.
-        cache.page_valid[index[block_row, row_first[block_row] + block_in_row]] = \
-            structural.reshape(rows, lq // b, b)[block_row, block_in_row]
+        cache.page_valid[query_pages] = structural.reshape(rows, lq // b, b)[block_row, block_in_row]
         filled = np.arange(pages)[None, :] < row_end[:, None]
         key_valid = (cache.page_valid[index] & filled[:, :, None]).reshape(rows, pages * b)
         self._key_valid_host = key_valid
@@ -557,7 +557,7 @@ class PagedView(Cache):
         self.query_positions = torch.from_numpy(positions).to(dev)
         self.key_valid = torch.from_numpy(key_valid).to(dev)
 
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict = {}  # gather buffers by kind (and group), reused by every layer
         n_layers = cache.geometry.num_layers
         super().__init__(layers=[_PagedLayer(self, i) for i in range(n_layers)])
 
@@ -604,15 +604,8 @@ class PagedView(Cache):
 
     def _gather(self, pool: torch.Tensor, new: torch.Tensor, kind: str) -> torch.Tensor:
         """Every row's pages as ``(R, H, P*b, D)`` (a transposed view of one gathered copy)."""
-        batch, heads, lq, dim = new.shape
-        # index_select into one buffer per kind, reused by every layer: a layer's attention has
-        # read it before the next layer's update overwrites it (3x faster than pool[index]).
-        flat = self.page_index.reshape(-1)
-        buffer = self._buffers.get(kind)
-        if buffer is None or torch.is_grad_enabled():
-            buffer = self._buffers[kind] = pool.new_empty((len(flat),) + tuple(pool.shape[1:]))
-        torch.index_select(pool, 0, flat, out=buffer)
-        return buffer.view(batch, self.key_columns, heads, dim).transpose(1, 2).to(new.dtype)
+        return self._gather_pages(pool, self.page_index.reshape(-1), self.key_columns // self.cache.block_size,
+                                  kind).to(new.dtype)
 
     def attend(self, module, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         """Attention of ``query`` ``(R, heads, Lq, D)`` over the rows' pages, for an ``in_place``
@@ -628,7 +621,7 @@ class PagedView(Cache):
         pools = self.cache.keys[layer], self.cache.values[layer]
         out = None
         for g, (rows, flat, mask, width) in enumerate(self._groups):
-            keys, values = (self._gather_group(pool, flat, width, (kind, g))
+            keys, values = (self._gather_pages(pool, flat, width, (kind, g))
                             for kind, pool in zip(("keys", "values"), pools))
             part, _ = dense_attention(module, query if rows is None else query.index_select(0, rows),
                                       keys.to(query.dtype), values.to(query.dtype), mask, scaling=scaling)
@@ -665,9 +658,10 @@ class PagedView(Cache):
             made.append((at, flat, part, width))
         return made
 
-    def _gather_group(self, pool: torch.Tensor, flat: torch.Tensor, width: int, key) -> torch.Tensor:
-        """The group's pages ``(rows, kv_heads, width*b, D)``, one buffer per group and kind reused
-        by every layer (a layer has attended before the next one gathers)."""
+    def _gather_pages(self, pool: torch.Tensor, flat: torch.Tensor, width: int, key) -> torch.Tensor:
+        """Pages ``flat`` (rows x ``width`` of them) as ``(rows, kv_heads, width*b, D)``: index_select
+        into one buffer per ``key`` (kind, group), reused by every layer, since a layer has
+        attended before the next one gathers (3x faster than pool[index])."""
         buffer = self._buffers.get(key)
         if buffer is None or torch.is_grad_enabled():
             buffer = self._buffers[key] = pool.new_empty((len(flat),) + tuple(pool.shape[1:]))
