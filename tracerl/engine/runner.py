@@ -28,36 +28,40 @@ from tracerl.models.attention import reading_keys_from, routes_attention
 def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
     """Draw and select for requests of ``seqs`` grouped by ``Sequence.decoding_key`` (``logits`` ``(B, >=b, V)``
     predicts each one's current block), each row from its own stream, then record each row."""
-    groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(seqs):
-        groups.setdefault(s.decoding_key, []).append(i)
-    dev = logits.device
-    for members in groups.values():
-        group = [seqs[i] for i in members] if len(members) < len(seqs) else seqs
+    if len({s.decoding_key for s in seqs}) == 1:  # the usual case: one group, no regrouping of rows
+        groups = [None]
+    else:
+        by_key: dict[tuple, list[int]] = {}
+        for i, s in enumerate(seqs):
+            by_key.setdefault(s.decoding_key, []).append(i)
+        groups = list(by_key.values())
+    dev, pool = logits.device, seqs[0].pool
+    for members in groups:
+        group = seqs if members is None else [seqs[i] for i in members]
         c, b = group[0].config, group[0].block_size
-        # Each row's stream, and its slot, block start, masked count at the block's start and step
-        # (one tensor, one copy).
-        streams, facts = [], []
-        for s in group:
-            streams.append(s.generator)
-            facts.append((s.slot, s.block_start, s.at_start, s.step))
-        streams = streams if randomized(c) else None
-        d = draw(logits[members, :b] if group is not seqs else logits[:, :b], temperature=c.temperature,
+        streams = [s.generator for s in group] if randomized(c) else None
+        # Each row's slot, block, masked count at the block's start, step and nfe: read in one
+        # walk, copied as one array (torch.tensor on a list of tuples costs 4x more).
+        facts = np.array([(s.slot, s.block, s.at_start, s.step, s.nfe) for s in group], dtype=np.int64)
+        d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
                  top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=streams)
-        slot, start, at_start, step = torch.tensor(facts, device=dev).unbind(1)
-        block = (slot[:, None], start[:, None] + torch.arange(b, device=dev))  # the current blocks in the pool
-        masked = group[0].pool.masked[block]
-        chosen = select(c.strategy, d, masked, step_quota(at_start, step, group[0].steps),
-                        threshold=c.threshold, eb_threshold=c.eb_threshold, generator=streams)
-        record(group, block, masked, chosen, d.tokens, d.logprob, d.confidence)
+        # The current blocks as flat indices into the pool's rows (one index tensor, not two).
+        block = facts[:, :1] * pool.columns + facts[:, 1:2] * b + np.arange(b)
+        quota = step_quota(facts[:, 2], facts[:, 3], group[0].steps)
+        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, quota, facts[:, 4] + 1))
+        masked = pool.masked.view(-1)[block]
+        chosen = select(c.strategy, d, masked, quota, threshold=c.threshold, eb_threshold=c.eb_threshold,
+                        generator=streams)
+        record(group, block, masked, chosen, d, nfe=nfe)
 
 
 class Runner:
     def __init__(self, model, cache: PagedKVCache) -> None:
         self.model = model
         self.cache = cache
+        self.device = model.device  # a property that walks the parameters: read once
         self.shift = model.spec.logit_shift
-        self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=model.device)
+        self.banned = torch.tensor(model.unsampleable_ids, dtype=torch.long, device=self.device)
         self.timer = ForwardTimer(model.device, sync=False)  # CPU: time inside model calls; CUDA: counts only
         # Attention reads the pages itself (by key-length groups) where the backbone lets it.
         self.in_place = routes_attention(model.backbone)
@@ -95,7 +99,7 @@ class Runner:
     def _forward(self, seqs: list[Sequence], blocks: list[int], row_per_block: bool) -> torch.Tensor:
         """One batched forward over ``seqs`` (query: ``blocks[i]`` blocks from the committed
         length, up to the current block); the logits predicting each current block (B, b, V)."""
-        b, dev, cache = self.cache.block_size, self.model.device, self.cache
+        b, dev, cache = self.cache.block_size, self.device, self.cache
         # Per row of the view (sequence order, then block order): its first position, end of its
         # query, length limit, slot.
         if row_per_block:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from tracerl.engine.sequence import Sequence, Status
+from tracerl.generation.sampling import Draw
 
 FIELDS = ("tokens", "masked", "step_map", "logprob", "confidence")
 
@@ -60,29 +61,35 @@ def request_slots(seqs: list[Sequence], max_running: int, device) -> StatePool:
     return StatePool(min(max_running, len(seqs)), max(len(s.tokens) for s in seqs), device)
 
 
-def record(seqs: list[Sequence], block: tuple[torch.Tensor, torch.Tensor], masked: torch.Tensor,
-           chosen: torch.Tensor, tokens: torch.Tensor, logprob: torch.Tensor, confidence: torch.Tensor) -> None:
+def record(seqs: list[Sequence], block: torch.Tensor, masked: torch.Tensor, chosen: torch.Tensor, d: Draw,
+           nfe: torch.Tensor) -> None:
     """One forward's unmasking of the current blocks of ``seqs`` (bound requests of one pool and
-    one block size; ``block`` indexes their blocks in the pool, ``masked`` is the pool's mask
-    there before this step, the rest ``(G, b)``), then each request whose block became final
-    moves on (``Sequence.block_final``: stop check, finish or next block)."""
-    pool, nfe = seqs[0].pool, []
+    one block size; ``block`` ``(G, b)`` indexes their blocks in the pool's flattened rows,
+    ``masked`` is the pool's mask there before this step, ``chosen`` the positions to commit from
+    the draw ``d``, ``nfe`` ``(G,)`` each request's forwards including this one), then each request
+    whose block became final moves on (``Sequence.block_final``: stop check, finish or next
+    block)."""
+    pool = seqs[0].pool
     for s in seqs:
         if s.pool is not pool or pool is None:
             raise ValueError("record: every request must hold a slot of one StatePool")
         s.nfe += 1
         s.step += 1
         s.status = Status.DENOISING
-        nfe.append(s.nfe)
-    nfe = torch.tensor(nfe, device=chosen.device)[:, None]
-    block_tokens = torch.where(chosen, tokens, pool.tokens[block])
-    pool.tokens[block] = block_tokens
-    pool.step_map[block] = torch.where(chosen, nfe, pool.step_map[block])
+
+    def put(field: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        flat = field.view(-1)
+        merged = torch.where(chosen, new, flat[block])
+        flat[block] = merged
+        return merged
+
+    block_tokens = put(pool.tokens, d.tokens)
+    put(pool.step_map, nfe[:, None])
     if any(s.config.return_logprobs for s in seqs):  # read only by outputs that asked for them
-        pool.logprob[block] = torch.where(chosen, logprob.float(), pool.logprob[block])
-        pool.confidence[block] = torch.where(chosen, confidence.float(), pool.confidence[block])
+        put(pool.logprob, d.logprob.float())
+        put(pool.confidence, d.confidence.float())
     still = masked & ~chosen
-    pool.masked[block] = still
+    pool.masked.view(-1)[block] = still
     final = ~still.any(-1)
     finals = final.tolist()  # a host sync (a second one reads the final blocks, if any)
     if any(finals):

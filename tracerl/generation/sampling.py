@@ -69,7 +69,7 @@ def draw(
         logits = logits.index_fill(-1, banned_ids, float("-inf"))
     probs = sampling_distribution(logits, temperature, top_k, top_p)
     if temperature == 0:
-        tokens = probs.argmax(-1)
+        tokens = last_argmax(probs)
     elif is_per_row(generator):
         tokens = _sample_per_row(probs, generator)
     else:
@@ -119,7 +119,16 @@ def _sample_per_row(probs: torch.Tensor, generators: Sequence[torch.Generator | 
         race = torch.ones_like(probs)
         for r in rows:
             race[r].exponential_(1.0, generator=generators[r])
-    return (probs / race).argmax(-1)
+    return last_argmax(probs / race)
+
+
+def last_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``; for a float32/64 CPU tensor numpy's argmax, the same index (the first
+    maximum on ties, the first NaN if any, like torch) about 5x faster on a (64, 4, 260) batch,
+    where torch's kernel spends its time on short rows."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        return torch.from_numpy(x.numpy().argmax(-1))
+    return x.argmax(-1)
 
 
 def cpu_exponentials(shape: torch.Size | tuple[int, ...], generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -154,8 +163,8 @@ def exponential_from_uniform(u: torch.Tensor) -> torch.Tensor:
     out = exact.float()
     # float64 -> float32 drops the low 29 mantissa bits; a tie is exactly 2**28 of them.  The two
     # log1p differ by at most a couple of float64 ulps, so only values within 16 of a tie can round apart.
-    dropped = exact.view(torch.int64) & (2**29 - 1)
-    near_midpoint = (dropped - 2**28).abs_() <= 16
+    # |dropped - 2**28| <= 16, computed as ((bits + 16 - 2**28) mod 2**29) <= 32: three passes, not five.
+    near_midpoint = exact.view(torch.int64).add(16 - 2**28).bitwise_and_(2**29 - 1) <= 32
     if near_midpoint.any():
         at = near_midpoint.nonzero(as_tuple=True)
         out[at] = torch.tensor([-math.log1p(-v) for v in u[at].tolist()], dtype=torch.float64).float()

@@ -23,14 +23,15 @@ import torch
 from tracerl.generation.sampling import Draw, Generators, is_per_row, per_row_uniform
 
 
-def step_quota(masked_at_start: torch.Tensor, step: torch.Tensor, steps: int) -> torch.Tensor:
+def step_quota(masked_at_start, step, steps: int):
     """Tokens to commit at ``step`` (0-based) for each row: ``M`` masks spread over ``min(T, M)``
     steps as ``M // T' + (step < M % T')`` (upstream-inference.md §1.3, without its bug of
-    scheduling a full block when the block starts with prompt tokens)."""
+    scheduling a full block when the block starts with prompt tokens).  Integer tensors or numpy
+    arrays (the engine computes it on the host, where it costs a few microseconds, not ten ops)."""
     m = masked_at_start
-    t = torch.clamp(torch.minimum(m, torch.full_like(m, steps)), min=1)
-    quota = m // t + (step < (m % t)).long()
-    return torch.where(step < t, quota, m)  # past the budget (never expected): everything left
+    t = m.clip(1, steps)  # min(M, T) steps, at least one
+    quota = m // t + (step < m % t)
+    return quota + (m - quota) * (step >= t)  # past the budget (never expected): everything left
 
 
 def _rank(score: torch.Tensor, masked: torch.Tensor, descending: bool) -> torch.Tensor:
