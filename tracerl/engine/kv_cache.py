@@ -264,6 +264,11 @@ class PagedKVCache:
         """Pages in the sequence's table (committed, provisional and reserved)."""
         return len(self._seq(seq_id).pages)
 
+    def held_pages_of(self, seq_ids: Sequence[Hashable]) -> list[int]:
+        """``held_pages`` of each sequence (0 for one not registered), in one pass."""
+        seqs = self._seqs
+        return [len(seqs[i].pages) if i in seqs else 0 for i in seq_ids]
+
     def committed_length(self, seq_id: Hashable) -> int:
         """Positions ``[0, committed_length)`` are in the cache (a multiple of the block size)."""
         return self._seq(seq_id).committed * self.block_size
@@ -416,26 +421,34 @@ def key_length_groups(lengths: np.ndarray, overhead: int | None) -> list[np.ndar
     """Rows (indices into ``lengths``, each row's key columns) split into at most three groups of
     similar length, each padded to its longest row, minimising ``sum(rows * longest) + overhead
     * groups`` (cut points over the rows sorted by length, all pairs at once).  ``overhead`` None:
-    one group, every row in order."""
+    one group, every row in order.  Rows inside a group keep no particular order."""
     n = len(lengths)
     if overhead is None or n < 2:
         return [np.arange(n)]
     order = np.argsort(-lengths, kind="stable")
     longest = lengths[order]  # descending: a group starting at sorted row c is padded to longest[c]
-    cut = np.arange(1, n)
-    best_cost, best_cuts = n * longest[0] + overhead, []
-    two = cut * longest[0] + (n - cut) * longest[cut] + 2 * overhead
-    if two.min() < best_cost:
-        best_cost, best_cuts = two.min(), [int(cut[two.argmin()])]
-    c1, c2 = cut[:, None], cut[None, :]
-    three = c1 * longest[0] + (c2 - c1) * longest[c1] + (n - c2) * longest[c2] + 3 * overhead
-    three = np.where(c2 > c1, three, np.iinfo(np.int64).max)
-    if three.min() < best_cost:
-        i, j = np.unravel_index(three.argmin(), three.shape)
-        best_cuts = [int(cut[i]), int(cut[j])]
-    if not best_cuts:
+    cut, top = np.arange(1, n), longest[1:]
+    # Groups [0, c1), [c1, c2), [c2, n) cost c1*L0 + (c2-c1)*L[c1] + (n-c2)*L[c2] + 3*overhead =
+    # first[c1] + L[c1]*c2 + last[c2]; two groups are the column c2 = n (an empty third group).
+    first = cut * (longest[0] - top) + 2 * overhead
+    last = np.append((n - cut) * top + overhead, 0)
+    three = np.multiply.outer(top, np.append(cut, n)) + first[:, None] + last[None, :] + _below_diagonal(n)
+    at = int(three.argmin())
+    c1, c2 = divmod(at, n)
+    if three.flat[at] >= n * longest[0] + overhead:
         return [np.arange(n)]
-    return [np.sort(part) for part in np.split(order, best_cuts)]
+    return np.split(order, [c1 + 1] if c2 == n - 1 else [c1 + 1, c2 + 1])
+
+
+_BELOW: dict[int, np.ndarray] = {}
+
+
+def _below_diagonal(n: int) -> np.ndarray:
+    """``(n-1, n)`` costs that rule out c2 <= c1 in ``key_length_groups`` (cached per batch size)."""
+    if n not in _BELOW:
+        c1, c2 = np.arange(1, n)[:, None], np.append(np.arange(1, n), n)[None, :]
+        _BELOW[n] = np.where(c2 > c1, 0, np.iinfo(np.int64).max // 4)
+    return _BELOW[n]
 
 
 class _PagedLayer(CacheLayerMixin):

@@ -40,15 +40,16 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         group = seqs if members is None else [seqs[i] for i in members]
         c, b = group[0].config, group[0].block_size
         streams = [s.generator for s in group] if randomized(c) else None
-        # Each row's slot, block, masked count at the block's start, step and nfe: read in one
-        # walk, copied as one array (torch.tensor on a list of tuples costs 4x more).
-        facts = np.array([(s.slot, s.block, s.at_start, s.step, s.nfe) for s in group], dtype=np.int64)
+        # Each row's block (its first column in the pool's flattened rows), masked count at the
+        # block's start, step and nfe: read in one walk, one array (torch.tensor on a list of
+        # tuples costs 4x more).
+        cols = pool.columns
+        facts = np.array([(s.slot * cols + s.block * b, s.at_start, s.step, s.nfe) for s in group], dtype=np.int64)
         d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
                  top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=streams)
-        # The current blocks as flat indices into the pool's rows (one index tensor, not two).
-        block = facts[:, :1] * pool.columns + facts[:, 1:2] * b + np.arange(b)
-        quota = step_quota(facts[:, 2], facts[:, 3], group[0].steps)
-        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, quota, facts[:, 4] + 1))
+        block = facts[:, :1] + np.arange(b)  # the current blocks as flat indices (one index tensor, not two)
+        quota = step_quota(facts[:, 1], facts[:, 2], group[0].steps)
+        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, quota, facts[:, 3] + 1))
         masked = pool.masked.view(-1)[block]
         chosen = select(c.strategy, d, masked, quota, threshold=c.threshold, eb_threshold=c.eb_threshold,
                         generator=streams)
@@ -113,8 +114,9 @@ class Runner:
         cols = first + np.arange(lq)  # absolute positions of the query columns
         inside = cols < query_end
         pool = seqs[0].pool
-        ids = pool.tokens[torch.from_numpy(slot).to(dev), torch.from_numpy(np.minimum(cols, pool.columns - 1)).to(dev)]
-        ids.masked_fill_(torch.from_numpy(~inside).to(dev), seqs[0].pad_id)
+        ids = pool.tokens.view(-1)[torch.from_numpy(slot * pool.columns + np.minimum(cols, pool.columns - 1)).to(dev)]
+        if not inside.all():  # only prefills of different lengths have columns past their query
+            ids.masked_fill_(torch.from_numpy(~inside).to(dev), seqs[0].pad_id)
         view = cache.view([s.rid for s in seqs], blocks, inside & (cols < end), row_per_block=row_per_block,
                           in_place=self.in_place)
         mask = view.attention_mask()

@@ -112,7 +112,9 @@ class Sequence:
         next block."""
         s, e = self.block_start, self.block_start + self.block_size
         lo, hi = max(s, len(self.prompt)), min(e, self.end)  # generated positions of the block
-        stop = next((lo + i for i, t in enumerate(block_tokens[lo - s:hi - s]) if t in self.stop_ids), None)
+        stop = None
+        if not self.stop_ids.isdisjoint(block_tokens):  # most blocks hold no stop token at all
+            stop = next((lo + i for i, t in enumerate(block_tokens[lo - s:hi - s]) if t in self.stop_ids), None)
         string_end = self._stop_string_end(lo, hi if stop is None else stop)
         if string_end is not None:
             self.finished_at = string_end

@@ -148,8 +148,8 @@ def cpu_exponentials(shape: torch.Size | tuple[int, ...], generators: Sequence[t
     chunk = max(1, CHUNK_ELEMENTS // per_row)  # float64 temporaries of a few rows at a time, not of the batch
     for lo in range(0, len(generators), chunk):
         u = torch.empty((min(chunk, len(generators) - lo), *out.shape[1:]), dtype=torch.float64)
-        for r, g in enumerate(generators[lo:lo + chunk]):
-            u[r].uniform_(generator=g)
+        for row, g in zip(u.unbind(0), generators[lo:lo + chunk]):  # one op for the row views, not one each
+            row.uniform_(generator=g)
         out[lo:lo + len(u)] = exponential_from_uniform(u)
     return out
 
