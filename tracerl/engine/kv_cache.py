@@ -264,6 +264,13 @@ class PagedKVCache:
         """Pages in the sequence's table (committed, provisional and reserved)."""
         return len(self._seq(seq_id).pages)
 
+    def committed_blocks_of(self, seq_ids: Sequence[Hashable]) -> list[int]:
+        """``committed_blocks`` of each (registered) sequence, in one pass."""
+        try:
+            return [self._seqs[i].committed for i in seq_ids]
+        except KeyError:
+            return [self.committed_blocks(i) for i in seq_ids]  # names the unknown sequence
+
     def held_pages_of(self, seq_ids: Sequence[Hashable]) -> list[int]:
         """``held_pages`` of each sequence (0 for one not registered), in one pass."""
         seqs = self._seqs
@@ -376,12 +383,13 @@ class PagedKVCache:
             raise ValueError(f"n_blocks: {len(n_blocks)} values for a view of {batch} sequences")
         if view.committed_done:
             raise ValueError("view: already committed (make a new view for the next forward)")
-        unchanged = view.cache_changes == self._changes  # nothing committed or freed since the view
-        for sid, seq, n, q, c in zip(view.seq_ids, view.sequences, n_blocks, view.query_blocks, view.start_blocks):
-            if not 0 <= n <= q:
-                raise ValueError(f"n_blocks: {n} for sequence {sid!r}, whose query holds {q} blocks")
-            if not unchanged and (self._seqs.get(sid) is not seq or seq.committed != c):
-                raise ValueError(f"view: sequence {sid!r} changed (freed or committed) since the view was made")
+        if min(n_blocks) < 0 or any(n > q for n, q in zip(n_blocks, view.query_blocks)):
+            sid, n, q = next((i, n, q) for i, n, q in zip(view.seq_ids, n_blocks, view.query_blocks) if not 0 <= n <= q)
+            raise ValueError(f"n_blocks: {n} for sequence {sid!r}, whose query holds {q} blocks")
+        if view.cache_changes != self._changes:  # something was committed or freed since the view
+            for sid, seq, c in zip(view.seq_ids, view.sequences, view.start_blocks):
+                if self._seqs.get(sid) is not seq or seq.committed != c:
+                    raise ValueError(f"view: sequence {sid!r} changed (freed or committed) since the view was made")
         if any(n_blocks) and not view.written:
             raise ValueError("view: no forward has run through this view yet")
         for seq, n in zip(view.sequences, n_blocks):
@@ -549,23 +557,28 @@ class PagedView(Cache):
         index = np.zeros((rows, pages), dtype=np.int64)
         for r, (i, e) in enumerate(zip(row_seq.tolist(), row_end.tolist())):
             index[r, :e] = seqs[i].table[:e]
-        block_row = np.repeat(np.arange(rows), row_blocks)  # one entry per query block: its row, its block in the row
-        block_in_row = np.arange(len(block_row)) - np.repeat(np.cumsum(row_blocks) - row_blocks, row_blocks)
         self._index_host = index
         self.page_index = torch.from_numpy(index).to(dev)
-        self._rows = torch.from_numpy(block_row).to(dev)
-        self._blocks = torch.from_numpy(block_in_row).to(dev)
-        query_pages = index[block_row, row_first[block_row] + block_in_row]
-        self._query_pages = torch.from_numpy(query_pages).to(dev)
-
-        # Query validity and positions, and each row's key validity, computed on the host.
+        # Query validity (structural: the row's blocks, and query_valid) and positions, on the host.
         structural = np.arange(lq)[None, :] < (row_blocks * b)[:, None]
         if query_valid is not None:
             structural &= query_valid.cpu().numpy() if isinstance(query_valid, torch.Tensor) else query_valid
         first = (row_first * b)[:, None]
         positions = np.where(structural, first + np.arange(lq), first)
-        # The query blocks' slots are (re)written by this forward: their validity now, the keys in _update.
-        cache.page_valid[query_pages] = structural.reshape(rows, lq // b, b)[block_row, block_in_row]
+        # Each query block's page, and its row and block within the row (what _write reads).
+        self._one_block = lq == b
+        if self._one_block:  # query block r is row r
+            query_pages = index[np.arange(rows), row_first]
+            cache.page_valid[query_pages] = structural
+        else:
+            block_row = np.repeat(np.arange(rows), row_blocks)
+            block_in_row = np.arange(len(block_row)) - np.repeat(np.cumsum(row_blocks) - row_blocks, row_blocks)
+            self._rows = torch.from_numpy(block_row).to(dev)
+            self._blocks = torch.from_numpy(block_in_row).to(dev)
+            query_pages = index[block_row, row_first[block_row] + block_in_row]
+            cache.page_valid[query_pages] = structural.reshape(rows, lq // b, b)[block_row, block_in_row]
+        # The query blocks' slots are (re)written by this forward: their validity above, the keys in _update.
+        self._query_pages = torch.from_numpy(query_pages).to(dev)
         filled = np.arange(pages)[None, :] < row_end[:, None]
         words = cache._page_valid_words
         key_valid = np.where(filled, words.take(index), np.zeros((), words.dtype)).view(bool).reshape(rows, pages * b)
@@ -620,6 +633,9 @@ class PagedView(Cache):
     def _write(self, pool: torch.Tensor, new: torch.Tensor) -> None:
         """Write the query blocks ``new`` ``(R, H, Lq, D)`` into their pages."""
         lq, b = new.shape[2], self.cache.block_size
+        if self._one_block:
+            pool[self._query_pages] = new.transpose(1, 2).to(pool.dtype)
+            return
         by_block = new.transpose(1, 2).unflatten(1, (lq // b, b))  # (R, nq, b, H, D)
         pool[self._query_pages] = by_block[self._rows, self._blocks].to(pool.dtype)
 

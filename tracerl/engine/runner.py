@@ -78,11 +78,10 @@ class Runner:
         the same layer).  Longer prefills (the prompt's blocks and the first one) run as one row
         each in a second forward, since a row per prompt block would gather the whole key table
         once per block."""
-        queries, decoding, prefill = [], [], []
-        for i, s in enumerate(seqs):
-            q = s.block - self.cache.committed_blocks(s.rid) + 1
-            queries.append(q)
-            (decoding if q <= 2 else prefill).append(i)
+        committed = self.cache.committed_blocks_of([s.rid for s in seqs])
+        queries = [s.block - c + 1 for s, c in zip(seqs, committed)]
+        decoding = [i for i, q in enumerate(queries) if q <= 2]
+        prefill = [i for i, q in enumerate(queries) if q > 2] if len(decoding) < len(seqs) else []
         logits = None
         for members, row_per_block in ((decoding, True), (prefill, False)):
             if not members:
