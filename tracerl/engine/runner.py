@@ -8,7 +8,7 @@ touch, and block attention plus the paged mask make it equal to the request's ow
 Drawing and selection then run per group of requests with equal decoding settings, each row
 with its own random stream, exactly as ``generate`` runs them for that row: a full block of
 ``b`` columns per forward (invalid columns past the length limit included, so streams advance
-alike), ``step_quota`` from the block's own masked count and step.
+alike), ``step_quota`` from the block's own masked count and step (``Sequence.quota``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tracerl.engine.sequence import Sequence, randomized
 from tracerl.engine.state import record
 from tracerl.generation.decoders import ForwardTimer
 from tracerl.generation.sampling import draw
-from tracerl.generation.unmasking import select, step_quota
+from tracerl.generation.unmasking import select
 from tracerl.models.attention import reading_keys_from, routes_attention
 
 
@@ -40,16 +40,14 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         group = seqs if members is None else [seqs[i] for i in members]
         c, b = group[0].config, group[0].block_size
         streams = [s.generator for s in group] if randomized(c) else None
-        # Each row's block (its first column in the pool's flattened rows), masked count at the
-        # block's start, step and nfe: read in one walk, one array (torch.tensor on a list of
-        # tuples costs 4x more).
+        # Each row's block (its first column in the pool's flattened rows), quota of this step
+        # and nfe after it: read in one walk, one array (torch.tensor on a list of tuples costs 4x more).
         cols = pool.columns
-        facts = np.array([(s.slot * cols + s.block * b, s.at_start, s.step, s.nfe) for s in group], dtype=np.int64)
+        facts = np.array([(s.slot * cols + s.block * b, s.quota, s.nfe + 1) for s in group], dtype=np.int64)
         d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
                  top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=streams)
         block = facts[:, :1] + np.arange(b)  # the current blocks as flat indices (one index tensor, not two)
-        quota = step_quota(facts[:, 1], facts[:, 2], group[0].steps)
-        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, quota, facts[:, 3] + 1))
+        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, facts[:, 1], facts[:, 2]))
         masked = pool.masked.view(-1)[block]
         chosen = select(c.strategy, d, masked, quota, threshold=c.threshold, eb_threshold=c.eb_threshold,
                         generator=streams)

@@ -20,6 +20,7 @@ from tracerl.generation.config import SamplingConfig
 from tracerl.generation.sampler import Generation, check_prompts, default_stop_ids, encode_prompts
 from tracerl.generation.seeds import check_seed_value, derive_seed
 from tracerl.generation.stops import stop_string_end
+from tracerl.generation.unmasking import quota_schedule
 
 
 class Status(enum.Enum):
@@ -85,7 +86,7 @@ class Sequence:
         self.nfe = 0
         self.block = self.first_block
         self.step = 0  # forwards spent on the current block
-        self.at_start = self._masked_at_start()
+        self._start_block()
         self.carry: torch.Tensor | None = None  # shifted family: logits of the block's column s-1
         self.finished_at = -1  # position of the stop token
         self.finish_reason: str | None = None
@@ -100,11 +101,18 @@ class Sequence:
     def block_start(self) -> int:
         return self.block * self.block_size
 
-    def _masked_at_start(self) -> int:
-        """Masked positions of the current block before its first step: its generated positions
-        (prompt tokens and positions past the length limit are never masked); no tensor read."""
+    def _start_block(self) -> None:
+        """The current block's masked positions before its first step (``at_start``: its
+        generated positions; prompt tokens and positions past the length limit are never masked;
+        no tensor read) and their quota per step."""
         s = self.block_start
-        return max(0, min(s + self.block_size, self.end) - max(s, len(self.prompt)))
+        self.at_start = max(0, min(s + self.block_size, self.end) - max(s, len(self.prompt)))
+        self._quotas = quota_schedule(self.at_start, self.steps)
+
+    @property
+    def quota(self) -> int:
+        """Tokens to commit at this step of the block (``step_quota``)."""
+        return self._quotas[self.step] if self.step < len(self._quotas) else self.at_start
 
     def block_final(self, block_tokens: list[int]) -> None:
         """The current block has no masked position left (``state.record`` found it and passes
@@ -127,7 +135,7 @@ class Sequence:
         else:
             self.block += 1
             self.step = 0
-            self.at_start = self._masked_at_start()
+            self._start_block()
 
     def _stop_string_end(self, lo: int, cut: int) -> int | None:
         """Position of the token completing a stop string in the response before ``cut`` (the

@@ -18,8 +18,13 @@ class Draw:
 
     tokens: torch.Tensor  # (B, b) long
     confidence: torch.Tensor  # (B, b) probability of the candidate under the sampling distribution
-    logprob: torch.Tensor  # (B, b) log of that probability
     probs: torch.Tensor  # (B, b, V) the sampling distribution (for margin / entropy rules)
+
+    @property
+    def logprob(self) -> torch.Tensor:
+        """(B, b) log of ``confidence`` (computed when read: the engine reads it only for
+        requests that return log-probs)."""
+        return self.confidence.clamp_min(1e-30).log()
 
 
 def sampling_distribution(
@@ -76,7 +81,7 @@ def draw(
         flat = probs.reshape(-1, probs.shape[-1])
         tokens = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
     confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    return Draw(tokens, confidence, confidence.clamp_min(1e-30).log(), probs)
+    return Draw(tokens, confidence, probs)
 
 
 def is_per_row(generator: Generators) -> bool:

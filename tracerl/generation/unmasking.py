@@ -18,6 +18,9 @@ Rules (reference notes upstream-inference.md §1.5, §2.1):
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 
 from tracerl.generation.sampling import Draw, Generators, is_per_row, per_row_uniform
@@ -32,6 +35,14 @@ def step_quota(masked_at_start, step, steps: int):
     t = m.clip(1, steps)  # min(M, T) steps, at least one
     quota = m // t + (step < m % t)
     return quota + (m - quota) * (step >= t)  # past the budget (never expected): everything left
+
+
+@functools.lru_cache(maxsize=4096)
+def quota_schedule(masked_at_start: int, steps: int) -> tuple[int, ...]:
+    """``step_quota`` of a block with ``masked_at_start`` masks at each of its steps, as Python
+    ints (the engine reads a request's quota per step without array work; few distinct pairs)."""
+    budget = min(max(masked_at_start, 1), steps)
+    return tuple(step_quota(np.full(budget, masked_at_start), np.arange(budget), steps).tolist())
 
 
 def _rank(score: torch.Tensor, masked: torch.Tensor, descending: bool) -> torch.Tensor:

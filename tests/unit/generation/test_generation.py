@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from tracerl.errors import ConfigError
 from tracerl.generation import STRATEGIES, SamplingConfig, derive_seed, generate
 from tracerl.generation import sampling
 from tracerl.generation.sampling import cpu_exponentials, draw, exponential_from_uniform, sampling_distribution
-from tracerl.generation.unmasking import select, step_quota
+from tracerl.generation.unmasking import quota_schedule, select, step_quota
 
 EXACT_STRATEGIES = [s for s in STRATEGIES if s != "random"]
 
@@ -220,6 +221,19 @@ def test_step_quota_spreads_evenly():
     assert got.tolist() == [[1, 1, 1, 1], [2, 2, 2, 2], [1, 1, 1, 1], [1, 1, 1, 3], [0, 0, 0, 0], [1, 1, 2, 2]]
     m = torch.tensor([4])  # 4 masks, 3 steps -> (2, 1, 1)
     assert [step_quota(m, torch.tensor([s]), 3).item() for s in range(3)] == [2, 1, 1]
+
+
+def test_quota_schedule_is_step_quota_at_every_step():
+    """The engine's per-request schedule (Python ints, cached) equals the tensor rule step by step
+    over the block's budget, for every mask count and step budget of blocks up to 16."""
+    for steps in range(1, 17):
+        for m in range(0, 17):
+            sched = quota_schedule(m, steps)
+            assert len(sched) == max(1, min(m, steps)) and sum(sched) == m
+            ms = torch.full((len(sched),), m)
+            assert list(sched) == step_quota(ms, torch.arange(len(sched)), steps).tolist()
+            # numpy in, numpy out: the same numbers
+            assert list(sched) == step_quota(ms.numpy(), np.arange(len(sched)), steps).tolist()
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
