@@ -598,15 +598,17 @@ class PagedView(Cache):
         over the query axis, ``(R, 1, 1, K)``: the same numbers without the ``(R, 1, Lq, K)``
         tensor, and a cheaper SDPA on CPU."""
         if self.mask is None:
-            if max(self.row_blocks) == 1:
-                allowed = self._key_valid_host.copy()
+            if self._one_block:
                 # A row with a valid query column sees at least that column's key; only rows
-                # without one (padding) can have nothing to attend.
-                empty = ~self._query_valid_host.any(-1)
+                # without one (padding) can have nothing to attend.  Without such rows the mask
+                # is key_valid itself (no copy).
+                allowed, empty = self._key_valid_host, ~self._query_valid_host.any(-1)
                 if empty.any():
+                    allowed = allowed.copy()
                     allowed[empty, 0] |= ~allowed[empty].any(-1)
                 self._mask_host = allowed
-                self.mask = torch.from_numpy(allowed).to(self.cache.device)[:, None, None, :]
+                rows, keys = allowed.shape
+                self.mask = torch.from_numpy(allowed).to(self.cache.device).view(rows, 1, 1, keys)
             else:
                 self.mask = paged_block_mask(self.query_positions, self.query_valid, self.key_valid,
                                              self.cache.block_size)

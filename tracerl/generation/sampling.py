@@ -155,16 +155,17 @@ def cpu_exponentials(shape: torch.Size | tuple[int, ...], generators: Sequence[t
         u = torch.empty((min(chunk, len(generators) - lo), *out.shape[1:]), dtype=torch.float64)
         for row, g in zip(u.unbind(0), generators[lo:lo + chunk]):  # one op for the row views, not one each
             row.uniform_(generator=g)
-        out[lo:lo + len(u)] = exponential_from_uniform(u)
+        out[lo:lo + len(u)] = exponential_from_uniform_(u)
     return out
 
 
 CHUNK_ELEMENTS = 2**22  # cpu_exponentials' float64 working set: 32 MiB per temporary
 
 
-def exponential_from_uniform(u: torch.Tensor) -> torch.Tensor:
-    """``float32(-log1p(-u))`` with libm's log1p for float64 ``u`` (see ``cpu_exponentials``)."""
-    exact = torch.log1p(-u).neg_()
+def exponential_from_uniform_(u: torch.Tensor) -> torch.Tensor:
+    """``float32(-log1p(-u))`` with libm's log1p for float64 ``u`` (see ``cpu_exponentials``);
+    overwrites ``u`` (with ``-u``: one float64 temporary fewer)."""
+    exact = torch.log1p(u.neg_()).neg_()  # u's own buffer holds -u (exactly; negated back for the ties)
     out = exact.float()
     # float64 -> float32 drops the low 29 mantissa bits; a tie is exactly 2**28 of them.  The two
     # log1p differ by at most a couple of float64 ulps, so only values within 16 of a tie can round apart.
@@ -172,5 +173,5 @@ def exponential_from_uniform(u: torch.Tensor) -> torch.Tensor:
     near_midpoint = exact.view(torch.int64).add(16 - 2**28).bitwise_and_(2**29 - 1) <= 32
     if near_midpoint.any():
         at = near_midpoint.nonzero(as_tuple=True)
-        out[at] = torch.tensor([-math.log1p(-v) for v in u[at].tolist()], dtype=torch.float64).float()
+        out[at] = torch.tensor([-math.log1p(v) for v in u[at].tolist()], dtype=torch.float64).float()
     return out
