@@ -165,13 +165,14 @@ CHUNK_ELEMENTS = 2**22  # cpu_exponentials' float64 working set: 32 MiB per temp
 def exponential_from_uniform_(u: torch.Tensor) -> torch.Tensor:
     """``float32(-log1p(-u))`` with libm's log1p for float64 ``u`` (see ``cpu_exponentials``);
     overwrites ``u`` (with ``-u``: one float64 temporary fewer)."""
-    exact = torch.log1p(u.neg_()).neg_()  # u's own buffer holds -u (exactly; negated back for the ties)
-    out = exact.float()
-    # float64 -> float32 drops the low 29 mantissa bits; a tie is exactly 2**28 of them.  The two
-    # log1p differ by at most a couple of float64 ulps, so only values within 16 of a tie can round apart.
-    # |dropped - 2**28| <= 16, computed as ((bits + 16 - 2**28) mod 2**29) <= 32: three passes, not five.
-    near_midpoint = exact.view(torch.int64).add(16 - 2**28).bitwise_and_(2**29 - 1) <= 32
-    if near_midpoint.any():
-        at = near_midpoint.nonzero(as_tuple=True)
+    log = torch.log1p(u.neg_())  # -E in float64; negated after the cast (half the bytes)
+    out = log.float().neg_()
+    # float64 -> float32 drops the low 29 mantissa bits (the sign is not among them); a tie is
+    # exactly 2**28 of them.  The two log1p differ by at most a couple of float64 ulps, so only
+    # values within 16 of a tie can round apart: |dropped - 2**28| <= 16, computed as
+    # ((bits + 16 - 2**28) mod 2**29) <= 32, and first as a minimum (one pass, almost always > 32).
+    distance = log.view(torch.int64).add(16 - 2**28).bitwise_and_(2**29 - 1)
+    if int(distance.min()) <= 32:
+        at = (distance <= 32).nonzero(as_tuple=True)
         out[at] = torch.tensor([-math.log1p(v) for v in u[at].tolist()], dtype=torch.float64).float()
     return out
