@@ -40,10 +40,11 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         group = seqs if members is None else [seqs[i] for i in members]
         c, b = group[0].config, group[0].block_size
         streams = [s.generator for s in group] if randomized(c) else None
-        # Each row's block (its first column in the pool's flattened rows), quota of this step
-        # and nfe after it: read in one walk, one array (torch.tensor on a list of tuples costs 4x more).
+        # Each row's block (its first column in the pool's flattened rows), quota of this step,
+        # nfe after it and whether it returns log-probs: read in one walk, one array (torch.tensor on a list of tuples costs 4x more).
         cols = pool.columns
-        facts = np.array([(s.slot * cols + s.block * b, s.quota, s.nfe + 1) for s in group], dtype=np.int64)
+        facts = np.array([(s.slot * cols + s.block * b, s.quota, s.nfe + 1, s.config.return_logprobs) for s in group],
+                         dtype=np.int64)
         d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
                  top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=streams)
         block = facts[:, :1] + np.arange(b)  # the current blocks as flat indices (one index tensor, not two)
@@ -51,7 +52,7 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         masked = pool.masked.view(-1)[block]
         chosen = select(c.strategy, d, masked, quota, threshold=c.threshold, eb_threshold=c.eb_threshold,
                         generator=streams)
-        record(group, block, masked, chosen, d, nfe=nfe)
+        record(group, block, masked, chosen, d, nfe=nfe, logprobs=bool(facts[:, 3].any()))
 
 
 class Runner:
@@ -98,24 +99,26 @@ class Runner:
         """One batched forward over ``seqs`` (query: ``blocks[i]`` blocks from the committed
         length, up to the current block); the logits predicting each current block (B, b, V)."""
         b, dev, cache = self.cache.block_size, self.device, self.cache
-        # Per row of the view (sequence order, then block order): its first position, end of its
-        # query, length limit, slot.
+        # Per row of the view (sequence order, then block order): its first block, its query's
+        # blocks, the sequence's length limit and slot.  Positions, validity and indices are
+        # worked out on the host (numpy), then copied once.
         if row_per_block:
-            per_row = [(k * b, (k + 1) * b, s.end, s.slot) for s, q in zip(seqs, blocks)
-                       for k in range(s.block - q + 1, s.block + 1)]
+            per_row = [(k, 1, s.end, s.slot) for s, q in zip(seqs, blocks) for k in range(s.block - q + 1, s.block + 1)]
         else:
-            per_row = [((s.block - q + 1) * b, (s.block + 1) * b, s.end, s.slot) for s, q in zip(seqs, blocks)]
-        # Positions, validity and indices are worked out on the host (numpy), then copied once.
-        first, query_end, end, slot = np.array(per_row, dtype=np.int64).T[:, :, None]
+            per_row = [(s.block - q + 1, q, s.end, s.slot) for s, q in zip(seqs, blocks)]
+        first, width, end, slot = np.array(per_row, dtype=np.int64).T[:, :, None]
         lq = b if row_per_block else max(blocks) * b
-        cols = first + np.arange(lq)  # absolute positions of the query columns
-        inside = cols < query_end
+        cols = first * b + np.arange(lq)  # absolute positions of the query columns
         pool = seqs[0].pool
-        ids = pool.tokens.view(-1)[torch.from_numpy(slot * pool.columns + np.minimum(cols, pool.columns - 1)).to(dev)]
-        if not inside.all():  # only prefills of different lengths have columns past their query
+        valid = cols < end
+        if row_per_block or min(blocks) == lq // b:  # every column lies in its row's query (and in its slot's row)
+            ids = pool.tokens.view(-1)[torch.from_numpy(slot * pool.columns + cols).to(dev)]
+        else:  # shorter prefills: columns past their query are padding
+            inside = cols < (first + width) * b
+            ids = pool.tokens.view(-1)[torch.from_numpy(slot * pool.columns + np.minimum(cols, pool.columns - 1)).to(dev)]
             ids.masked_fill_(torch.from_numpy(~inside).to(dev), seqs[0].pad_id)
-        view = cache.view([s.rid for s in seqs], blocks, inside & (cols < end), row_per_block=row_per_block,
-                          in_place=self.in_place)
+            valid &= inside
+        view = cache.view([s.rid for s in seqs], blocks, valid, row_per_block=row_per_block, in_place=self.in_place)
         mask = view.attention_mask()
         if view.in_place:
             view.plan_attention()

@@ -62,16 +62,18 @@ def request_slots(seqs: list[Sequence], max_running: int, device) -> StatePool:
 
 
 def record(seqs: list[Sequence], block: torch.Tensor, masked: torch.Tensor, chosen: torch.Tensor, d: Draw,
-           nfe: torch.Tensor) -> None:
+           nfe: torch.Tensor, logprobs: bool) -> None:
     """One forward's unmasking of the current blocks of ``seqs`` (bound requests of one pool and
     one block size; ``block`` ``(G, b)`` indexes their blocks in the pool's flattened rows,
     ``masked`` is the pool's mask there before this step, ``chosen`` the positions to commit from
-    the draw ``d``, ``nfe`` ``(G,)`` each request's forwards including this one), then each request
-    whose block became final moves on (``Sequence.block_final``: stop check, finish or next
-    block)."""
+    the draw ``d``, ``nfe`` ``(G,)`` each request's forwards including this one, ``logprobs``
+    whether any of them returns log-probs), then each request whose block became final moves on
+    (``Sequence.block_final``: stop check, finish or next block)."""
     pool = seqs[0].pool
+    if pool is None:
+        raise ValueError("record: every request must hold a slot of one StatePool")
     for s in seqs:
-        if s.pool is not pool or pool is None:
+        if s.pool is not pool:
             raise ValueError("record: every request must hold a slot of one StatePool")
         s.nfe += 1
         s.step += 1
@@ -85,7 +87,7 @@ def record(seqs: list[Sequence], block: torch.Tensor, masked: torch.Tensor, chos
 
     block_tokens = put(pool.tokens, d.tokens)
     put(pool.step_map, nfe[:, None])
-    if any(s.config.return_logprobs for s in seqs):  # read only by outputs that asked for them
+    if logprobs:  # read only by outputs that asked for them
         put(pool.logprob, d.logprob.float())
         put(pool.confidence, d.confidence.float())
     still = masked & ~chosen
