@@ -48,9 +48,8 @@ def quota_schedule(masked_at_start: int, steps: int) -> tuple[int, ...]:
 def _rank(score: torch.Tensor, masked: torch.Tensor, descending: bool) -> torch.Tensor:
     """0-based rank of each masked position by score (unmasked ones rank last; ties: leftmost)."""
     fill = float("-inf") if descending else float("inf")
-    order = torch.sort(score.masked_fill(~masked, fill), dim=-1, descending=descending, stable=True).indices
-    positions = torch.arange(score.shape[-1], device=score.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, positions)
+    order = torch.sort(torch.where(masked, score, fill), dim=-1, descending=descending, stable=True).indices
+    return order.argsort(dim=-1)  # the inverse permutation: rank[order[j]] = j
 
 
 def _top_by_score(score: torch.Tensor, masked: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
