@@ -429,7 +429,8 @@ def key_length_groups(lengths: np.ndarray, overhead: int | None) -> list[np.ndar
     """Rows (indices into ``lengths``, each row's key columns) split into at most three groups of
     similar length, each padded to its longest row, minimising ``sum(rows * longest) + overhead
     * groups`` (cut points over the rows sorted by length, all pairs at once).  ``overhead`` None:
-    one group, every row in order.  Rows inside a group keep no particular order."""
+    one group, every row in order.  When there are several groups, each lists its rows longest
+    first (``PagedView._make_groups`` reads a group's width from its first row)."""
     n = len(lengths)
     if overhead is None or n < 2:
         return [np.arange(n)]
@@ -529,24 +530,22 @@ class PagedView(Cache):
         self.committed_done = False
         self.written = False
         self.cached_columns = max(self.start_blocks) * b  # committed keys of the longest table
-        q = np.array(query_blocks, dtype=np.int64)
-        starts = np.array(self.start_blocks, dtype=np.int64)
-        # Rows: their sequence, first query block (absolute block index) and number of query blocks.
+        # Rows: their sequence, first query block (absolute block index) and number of query
+        # blocks, as Python lists (a few dozen values: cheaper than a dozen small numpy calls).
         if row_per_block:
-            row_seq = np.repeat(np.arange(batch), q)
-            row_first = starts[row_seq] + np.arange(len(row_seq)) - np.repeat(np.cumsum(q) - q, q)
-            row_blocks = np.ones(len(row_seq), dtype=np.int64)
+            row_seq = [i for i, n in enumerate(query_blocks) for _ in range(n)]
+            row_first = [c + k for c, n in zip(self.start_blocks, query_blocks) for k in range(n)]
+            row_blocks = [1] * len(row_seq)
         else:
-            row_seq, row_first, row_blocks = np.arange(batch), starts, q
-        self.row_blocks = row_blocks.tolist()
-        rows = len(row_seq)
+            row_seq, row_first, row_blocks = range(batch), self.start_blocks, query_blocks
+        self.row_blocks = row_blocks
+        rows = len(row_first)
         lq = (1 if row_per_block else max(query_blocks)) * b
         if query_valid is not None and tuple(query_valid.shape) != (rows, lq):
             raise ValueError(f"query_valid: shape {tuple(query_valid.shape)}, expected {(rows, lq)}")
-        row_end = row_first + row_blocks  # a row's table: its sequence's pages up to its last query block
-        pages = int(row_end.max())
+        row_end = [f + n for f, n in zip(row_first, row_blocks)]  # a row's table: its pages up to its last query block
+        pages = max(row_end)
         self.key_columns = pages * b
-        self._row_pages = row_end
         self.in_place = in_place
         self.mask: torch.Tensor | None = None  # attention_mask(), the object a key reader answers to
         self._mask_host: np.ndarray | None = None  # a one-block mask (R, K) on the host
@@ -555,18 +554,25 @@ class PagedView(Cache):
 
         # Page index (R, P): padded slots point at page 0 and are masked out via key_valid.
         index = np.zeros((rows, pages), dtype=np.int64)
-        for r, (i, e) in enumerate(zip(row_seq.tolist(), row_end.tolist())):
+        for r, (i, e) in enumerate(zip(row_seq, row_end)):
             index[r, :e] = seqs[i].table[:e]
         self._index_host = index
         self.page_index = torch.from_numpy(index).to(dev)
+        row_first, row_blocks, row_end = np.array((row_first, row_blocks, row_end), dtype=np.int64)
+        self._row_pages = row_end
         # Query validity (structural: the row's blocks, and query_valid) and positions, on the host.
-        structural = np.arange(lq)[None, :] < (row_blocks * b)[:, None]
+        self._one_block = lq == b
         if query_valid is not None:
-            structural &= query_valid.cpu().numpy() if isinstance(query_valid, torch.Tensor) else query_valid
+            query_valid = query_valid.cpu().numpy() if isinstance(query_valid, torch.Tensor) else query_valid
+        if self._one_block:  # every column is in its row's block
+            structural = np.ones((rows, lq), dtype=bool) if query_valid is None else np.array(query_valid, dtype=bool)
+        else:
+            structural = np.arange(lq)[None, :] < (row_blocks * b)[:, None]
+            if query_valid is not None:
+                structural &= query_valid
         first = (row_first * b)[:, None]
         positions = np.where(structural, first + np.arange(lq), first)
         # Each query block's page, and its row and block within the row (what _write reads).
-        self._one_block = lq == b
         if self._one_block:  # query block r is row r
             query_pages = index[np.arange(rows), row_first]
             cache.page_valid[query_pages] = structural
@@ -687,7 +693,7 @@ class PagedView(Cache):
             return [(None, self.page_index.reshape(-1), mask, self.key_columns // b)]
         made = []
         for rows in groups:
-            width = int(self._row_pages[rows].max())
+            width = int(self._row_pages[rows[0]])  # a group's first row is its longest
             at = torch.from_numpy(rows).to(device)
             flat = torch.from_numpy(self._index_host[rows, :width].reshape(-1)).to(device)
             if self._mask_host is not None:

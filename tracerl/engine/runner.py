@@ -13,6 +13,8 @@ alike), ``step_quota`` from the block's own masked count and step (``Sequence.qu
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -28,31 +30,35 @@ from tracerl.models.attention import reading_keys_from, routes_attention
 def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
     """Draw and select for requests of ``seqs`` grouped by ``Sequence.decoding_key`` (``logits`` ``(B, >=b, V)``
     predicts each one's current block), each row from its own stream, then record each row."""
-    if len({s.decoding_key for s in seqs}) == 1:  # the usual case: one group, no regrouping of rows
+    dev, pool = logits.device, seqs[0].pool
+    cols = pool.columns
+    # One walk over the requests: each one's decoding key, stream, and the facts of its row: its
+    # block (first column in the pool's flattened rows), quota of this step, nfe after it and
+    # whether it returns log-probs, as one array (torch.tensor on a list of tuples costs 4x more).
+    keys, streams, facts = zip(*[
+        (s.decoding_key, s.generator, (s.slot * cols + s.block * s.block_size, s.quota, s.nfe + 1,
+                                       s.config.return_logprobs)) for s in seqs])
+    facts = np.array(facts, dtype=np.int64)
+    if keys.count(keys[0]) == len(keys):  # the usual case: one group, no regrouping of rows
         groups = [None]
     else:
         by_key: dict[tuple, list[int]] = {}
-        for i, s in enumerate(seqs):
-            by_key.setdefault(s.decoding_key, []).append(i)
+        for i, key in enumerate(keys):
+            by_key.setdefault(key, []).append(i)
         groups = list(by_key.values())
-    dev, pool = logits.device, seqs[0].pool
     for members in groups:
         group = seqs if members is None else [seqs[i] for i in members]
         c, b = group[0].config, group[0].block_size
-        streams = [s.generator for s in group] if randomized(c) else None
-        # Each row's block (its first column in the pool's flattened rows), quota of this step,
-        # nfe after it and whether it returns log-probs: read in one walk, one array (torch.tensor on a list of tuples costs 4x more).
-        cols = pool.columns
-        facts = np.array([(s.slot * cols + s.block * b, s.quota, s.nfe + 1, s.config.return_logprobs) for s in group],
-                         dtype=np.int64)
+        rows = facts if members is None else facts[members]
+        own = (streams if members is None else [streams[i] for i in members]) if randomized(c) else None
         d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
-                 top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=streams)
-        block = facts[:, :1] + np.arange(b)  # the current blocks as flat indices (one index tensor, not two)
-        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, facts[:, 1], facts[:, 2]))
+                 top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=own)
+        block = rows[:, :1] + np.arange(b)  # the current blocks as flat indices (one index tensor, not two)
+        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, rows[:, 1], rows[:, 2]))
         masked = pool.masked.view(-1)[block]
         chosen = select(c.strategy, d, masked, quota, threshold=c.threshold, eb_threshold=c.eb_threshold,
-                        generator=streams)
-        record(group, block, masked, chosen, d, nfe=nfe, logprobs=bool(facts[:, 3].any()))
+                        generator=own)
+        record(group, block, masked, chosen, d, nfe=nfe, logprobs=bool(rows[:, 3].any()))
 
 
 class Runner:
@@ -124,10 +130,12 @@ class Runner:
             view.plan_attention()
         # The hidden states predicting each current block (its last row's last b columns; shifted:
         # one column earlier, which for the block's first column is the end of the row before).
-        q = np.array(blocks, dtype=np.int64)[:, None]
-        last_row = (np.cumsum(q) if row_per_block else np.arange(1, len(seqs) + 1))[:, None] - 1
-        last_col = lq - b if row_per_block else (q - 1) * b
-        flat = torch.from_numpy(np.maximum(last_row * lq + last_col - self.shift + np.arange(b), 0)).to(dev)
+        if row_per_block:  # a sequence's last row is its current block, all lq = b columns
+            first_col = [(rows - 1) * lq for rows in itertools.accumulate(blocks)]  # rows up to the sequence's last
+        else:  # row i, its last query block
+            first_col = [i * lq + (q - 1) * b for i, q in enumerate(blocks)]
+        flat = np.maximum(np.array(first_col, dtype=np.int64)[:, None] - self.shift + np.arange(b), 0)
+        flat = torch.from_numpy(flat).to(dev)
         with self.timer, reading_keys_from(view):
             hidden, _ = self.model.hidden_states(
                 ids, attention_mask=mask, position_ids=view.query_positions, cache=view, use_cache=True,

@@ -339,6 +339,8 @@ def test_key_length_groups_pick_the_cheapest_split():
         overhead = int(torch.randint(0, 300, (), generator=rng))
         groups = key_length_groups(lengths, overhead)
         assert sorted(i for g in groups for i in g) == list(range(n)) and 1 <= len(groups) <= 3
+        if len(groups) > 1:  # longest row first: the group's width
+            assert all(lengths[g[0]] == lengths[g].max() for g in groups)
 
         def cost(parts):
             return sum(len(p) * lengths[p].max() for p in parts) + overhead * len(parts)
