@@ -608,13 +608,14 @@ class PagedView(Cache):
                 # A row with a valid query column sees at least that column's key; only rows
                 # without one (padding) can have nothing to attend.  Without such rows the mask
                 # is key_valid itself (no copy).
-                allowed, empty = self._key_valid_host, ~self._query_valid_host.any(-1)
-                if empty.any():
+                allowed, mask = self._key_valid_host, self.key_valid
+                if not self._query_valid_host.any(-1).all():
+                    empty = ~self._query_valid_host.any(-1)
                     allowed = allowed.copy()
                     allowed[empty, 0] |= ~allowed[empty].any(-1)
+                    mask = torch.from_numpy(allowed).to(self.cache.device)
                 self._mask_host = allowed
-                rows, keys = allowed.shape
-                self.mask = torch.from_numpy(allowed).to(self.cache.device).view(rows, 1, 1, keys)
+                self.mask = mask.view(mask.shape[0], 1, 1, mask.shape[1])
             else:
                 self.mask = paged_block_mask(self.query_positions, self.query_valid, self.key_valid,
                                              self.cache.block_size)
