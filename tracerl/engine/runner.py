@@ -121,7 +121,8 @@ class Runner:
             ids = pool.tokens.view(-1)[torch.from_numpy(slot * pool.columns + cols).to(dev)]
         else:  # shorter prefills: columns past their query are padding
             inside = cols < (first + width) * b
-            ids = pool.tokens.view(-1)[torch.from_numpy(slot * pool.columns + np.minimum(cols, pool.columns - 1)).to(dev)]
+            at = slot * pool.columns + np.minimum(cols, pool.columns - 1)
+            ids = pool.tokens.view(-1)[torch.from_numpy(at).to(dev)]
             ids.masked_fill_(torch.from_numpy(~inside).to(dev), seqs[0].pad_id)
             valid &= inside
         view = cache.view([s.rid for s in seqs], blocks, valid, row_per_block=row_per_block, in_place=self.in_place)

@@ -42,8 +42,8 @@ class Scheduler:
 
     def schedule(self) -> list[Sequence]:
         """The requests of the next forward (empty when nothing is left to do)."""
-        running = self.running
-        needs = [max(0, s.block + 1 - held) for s, held in zip(running, self.cache.held_pages_of([s.rid for s in running]))]
+        held = self.cache.held_pages_of([s.rid for s in self.running])
+        needs = [max(0, s.block + 1 - h) for s, h in zip(self.running, held)]
         while self.running and sum(needs) > self.cache.num_free:
             self._preempt(self.running[-1])
             needs.pop()
