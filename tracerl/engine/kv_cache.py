@@ -71,6 +71,7 @@ that committed it (``BlockCacheDecoder.carry``) or keeps the previous block in t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -437,27 +438,27 @@ def key_length_groups(lengths: np.ndarray, overhead: int | None) -> list[np.ndar
     order = np.argsort(-lengths, kind="stable")
     longest = lengths[order]  # descending: a group starting at sorted row c is padded to longest[c]
     cut, top = np.arange(1, n), longest[1:]
-    # Groups [0, c1), [c1, c2), [c2, n) cost c1*L0 + (c2-c1)*L[c1] + (n-c2)*L[c2] + 3*overhead =
-    # first[c1] + L[c1]*c2 + last[c2]; two groups are the column c2 = n (an empty third group).
-    first = cut * (longest[0] - top) + 2 * overhead
-    last = np.append((n - cut) * top + overhead, 0)
-    three = np.multiply.outer(top, np.append(cut, n)) + first[:, None] + last[None, :] + _below_diagonal(n)
-    at = int(three.argmin())
-    c1, c2 = divmod(at, n)
-    if three.flat[at] >= n * longest[0] + overhead:
-        return [np.arange(n)]
-    return np.split(order, [c1 + 1] if c2 == n - 1 else [c1 + 1, c2 + 1])
+    one = n * longest[0] + overhead
+    # Two groups [0, c), [c, n); three [0, c1), [c1, c2), [c2, n), costing c1*L0 + (c2-c1)*L[c1]
+    # + (n-c2)*L[c2] + 3*overhead = first[c1] + L[c1]*c2 + last[c2].  More groups only when
+    # strictly cheaper (each one is an extra attention call per layer).
+    two = cut * longest[0] + (n - cut) * top + 2 * overhead
+    first = cut * (longest[0] - top) + 3 * overhead
+    three = np.multiply.outer(top, cut) + first[:, None] + ((n - cut) * top)[None, :] + _below_diagonal(n)
+    best_two, best_three = int(two.argmin()), int(three.argmin())
+    if two[best_two] < one and two[best_two] <= three.flat[best_three]:
+        return np.split(order, [best_two + 1])
+    if three.flat[best_three] < one:
+        c1, c2 = divmod(best_three, n - 1)
+        return np.split(order, [c1 + 1, c2 + 1])
+    return [np.arange(n)]
 
 
-_BELOW: dict[int, np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _below_diagonal(n: int) -> np.ndarray:
-    """``(n-1, n)`` costs that rule out c2 <= c1 in ``key_length_groups`` (cached per batch size)."""
-    if n not in _BELOW:
-        c1, c2 = np.arange(1, n)[:, None], np.append(np.arange(1, n), n)[None, :]
-        _BELOW[n] = np.where(c2 > c1, 0, np.iinfo(np.int64).max // 4)
-    return _BELOW[n]
+    """``(n-1, n-1)`` costs that rule out c2 <= c1 in ``key_length_groups`` (a few batch sizes kept)."""
+    c = np.arange(1, n)
+    return np.where(c[None, :] > c[:, None], 0, np.iinfo(np.int64).max // 4)
 
 
 class _PagedLayer(CacheLayerMixin):
@@ -565,11 +566,11 @@ class PagedView(Cache):
         if query_valid is not None:
             query_valid = query_valid.cpu().numpy() if isinstance(query_valid, torch.Tensor) else query_valid
         if self._one_block:  # every column is in its row's block
-            structural = np.ones((rows, lq), dtype=bool) if query_valid is None else np.array(query_valid, dtype=bool)
+            structural = np.ones((rows, lq), dtype=bool)
         else:
             structural = np.arange(lq)[None, :] < (row_blocks * b)[:, None]
-            if query_valid is not None:
-                structural &= query_valid
+        if query_valid is not None:
+            structural &= query_valid
         first = (row_first * b)[:, None]
         positions = np.where(structural, first + np.arange(lq), first)
         # Each query block's page, and its row and block within the row (what _write reads).

@@ -31,6 +31,8 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
     """Draw and select for requests of ``seqs`` grouped by ``Sequence.decoding_key`` (``logits`` ``(B, >=b, V)``
     predicts each one's current block), each row from its own stream, then record each row."""
     dev, pool = logits.device, seqs[0].pool
+    if pool is None or any(s.slot is None for s in seqs):
+        raise ValueError("unmask: every request must hold a slot of one StatePool")
     cols = pool.columns
     # One walk over the requests: each one's decoding key, stream, and the facts of its row: its
     # block (first column in the pool's flattened rows), quota of this step, nfe after it and
@@ -53,8 +55,9 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         own = (streams if members is None else [streams[i] for i in members]) if randomized(c) else None
         d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
                  top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=own)
-        block = rows[:, :1] + np.arange(b)  # the current blocks as flat indices (one index tensor, not two)
-        block, quota, nfe = (torch.from_numpy(a).to(dev) for a in (block, rows[:, 1], rows[:, 2]))
+        # The current blocks as flat indices (one index tensor, not two), the quotas and nfe: one copy.
+        packed = torch.from_numpy(np.concatenate([rows[:, :1] + np.arange(b), rows[:, 1:3]], axis=1)).to(dev)
+        block, quota, nfe = packed[:, :b], packed[:, b], packed[:, b + 1]
         masked = pool.masked.view(-1)[block]
         chosen = select(c.strategy, d, masked, quota, threshold=c.threshold, eb_threshold=c.eb_threshold,
                         generator=own)
@@ -107,7 +110,7 @@ class Runner:
         b, dev, cache = self.cache.block_size, self.device, self.cache
         # Per row of the view (sequence order, then block order): its first block, its query's
         # blocks, the sequence's length limit and slot.  Positions, validity and indices are
-        # worked out on the host (numpy), then copied once.
+        # worked out on the host (numpy), then copied.
         if row_per_block:
             per_row = [(k, 1, s.end, s.slot) for s, q in zip(seqs, blocks) for k in range(s.block - q + 1, s.block + 1)]
         else:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # One generator for the whole batch, or one per row (None: the row draws nothing).
@@ -74,7 +75,7 @@ def draw(
         logits = logits.index_fill(-1, banned_ids, float("-inf"))
     probs = sampling_distribution(logits, temperature, top_k, top_p)
     if temperature == 0:
-        tokens = last_argmax(probs)
+        tokens = argmax_last_dim(probs)
     elif is_per_row(generator):
         tokens = _sample_per_row(probs, generator)
     else:
@@ -124,15 +125,15 @@ def _sample_per_row(probs: torch.Tensor, generators: Sequence[torch.Generator | 
         race = torch.ones_like(probs)
         for r in rows:
             race[r].exponential_(1.0, generator=generators[r])
-    return last_argmax(probs / race)
+    return argmax_last_dim(probs / race)
 
 
-def last_argmax(x: torch.Tensor) -> torch.Tensor:
+def argmax_last_dim(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)``; for a float32/64 CPU tensor numpy's argmax, the same index (the first
     maximum on ties, the first NaN if any, like torch) about 5x faster on a (64, 4, 260) batch,
     where torch's kernel spends its time on short rows."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
-        return torch.from_numpy(x.numpy().argmax(-1))
+        return torch.from_numpy(np.asarray(x.numpy().argmax(-1)))
     return x.argmax(-1)
 
 
@@ -172,7 +173,7 @@ def exponential_from_uniform_(u: torch.Tensor) -> torch.Tensor:
     # values within 16 of a tie can round apart: |dropped - 2**28| <= 16, computed as
     # ((bits + 16 - 2**28) mod 2**29) <= 32, and first as a minimum (one pass, almost always > 32).
     distance = log.view(torch.int64).add(16 - 2**28).bitwise_and_(2**29 - 1)
-    if int(distance.min()) <= 32:
+    if distance.numel() and int(distance.min()) <= 32:
         at = (distance <= 32).nonzero(as_tuple=True)
         out[at] = torch.tensor([-math.log1p(v) for v in u[at].tolist()], dtype=torch.float64).float()
     return out

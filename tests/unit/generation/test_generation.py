@@ -409,6 +409,17 @@ def test_exponential_from_uniform_matches_libm_at_float_midpoints():
     assert torch.equal(exponential_from_uniform_(u.clone()), libm)
 
 
+def test_argmax_last_dim_is_torch_argmax():
+    """The numpy argmax taken on CPU float tensors picks torch's index: first maximum on ties,
+    first NaN, any shape (1-D included) and stride; an empty uniform batch gives no noise."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (6, 5, 7), generator=g).float()  # many ties
+    x[1, 2, 3] = x[4, 0, 6] = float("nan")
+    for t in (x, x.double(), x.transpose(0, 2), x[0, 0], x[:, :, ::2]):
+        assert torch.equal(sampling.argmax_last_dim(t), t.argmax(-1))
+    assert exponential_from_uniform_(torch.empty(0, 3, dtype=torch.float64)).shape == (0, 3)
+
+
 def test_per_row_generators_in_draw_and_select():
     """Row r draws (tokens, then the random rule's noise) from generators[r] only, exactly as that
     row alone would; None rows draw nothing; the per-row draw follows the sampling distribution."""
