@@ -27,19 +27,28 @@ from tracerl.generation.unmasking import select
 from tracerl.models.attention import reading_keys_from, routes_attention
 
 
+UNBOUND = "unmask: every request must hold a slot of one StatePool"
+
+
 def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
     """Draw and select for requests of ``seqs`` grouped by ``Sequence.decoding_key`` (``logits`` ``(B, >=b, V)``
-    predicts each one's current block), each row from its own stream, then record each row."""
+    predicts each one's current block; its ``banned`` columns are set to -inf in place), each row
+    from its own stream, then record each row."""
     dev, pool = logits.device, seqs[0].pool
-    if pool is None or any(s.slot is None for s in seqs):
-        raise ValueError("unmask: every request must hold a slot of one StatePool")
+    if pool is None:
+        raise ValueError(UNBOUND)
+    if banned.numel():  # as draw(banned_ids=...) does, without copying the logits
+        logits.index_fill_(-1, banned, float("-inf"))
     cols = pool.columns
     # One walk over the requests: each one's decoding key, stream, and the facts of its row: its
     # block (first column in the pool's flattened rows), quota of this step, nfe after it and
     # whether it returns log-probs, as one array (torch.tensor on a list of tuples costs 4x more).
-    keys, streams, facts = zip(*[
-        (s.decoding_key, s.generator, (s.slot * cols + s.block * s.block_size, s.quota, s.nfe + 1,
-                                       s.config.return_logprobs)) for s in seqs])
+    try:
+        keys, streams, facts = zip(*[
+            (s.decoding_key, s.generator, (s.slot * cols + s.block * s.block_size, s.quota, s.nfe + 1,
+                                           s.config.return_logprobs)) for s in seqs])
+    except TypeError:  # a request without a slot (record refuses one from another pool)
+        raise ValueError(UNBOUND) from None
     facts = np.array(facts, dtype=np.int64)
     if keys.count(keys[0]) == len(keys):  # the usual case: one group, no regrouping of rows
         groups = [None]
@@ -54,7 +63,7 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         rows = facts if members is None else facts[members]
         own = (streams if members is None else [streams[i] for i in members]) if randomized(c) else None
         d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
-                 top_k=c.top_k, top_p=c.top_p, banned_ids=banned, generator=own)
+                 top_k=c.top_k, top_p=c.top_p, banned_ids=None, generator=own)
         # The current blocks as flat indices (one index tensor, not two), the quotas and nfe: one copy.
         packed = torch.from_numpy(np.concatenate([rows[:, :1] + np.arange(b), rows[:, 1:3]], axis=1)).to(dev)
         block, quota, nfe = packed[:, :b], packed[:, b], packed[:, b + 1]
