@@ -72,7 +72,7 @@ that committed it (``BlockCacheDecoder.carry``) or keeps the previous block in t
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -188,7 +188,10 @@ class _Sequence:
             grown = np.zeros(max(2 * len(self.table), len(self.pages)), dtype=np.int64)
             grown[:held] = self.table[:held]
             self.table = grown
-        self.table[held:len(self.pages)] = new
+        if len(new) == 1:  # the usual case (the next block's page): a scalar store, not a list conversion
+            self.table[held] = new[0]
+        else:
+            self.table[held:len(self.pages)] = new
 
 
 class PagedKVCache:
@@ -281,10 +284,11 @@ class PagedKVCache:
         """Positions ``[0, committed_length)`` are in the cache (a multiple of the block size)."""
         return self._seq(seq_id).committed * self.block_size
 
-    def _take(self, n: int, what: str) -> list[int]:
+    def _take(self, n: int, what: Callable[[], str]) -> list[int]:
+        """``n`` free pages; ``what()`` names the taker in the error (built only on failure)."""
         if n > len(self._free):
             raise KVCacheFullError(
-                f"num_pages: the KV cache pool is full: {what} needs {n} pages, {len(self._free)} of "
+                f"num_pages: the KV cache pool is full: {what()} needs {n} pages, {len(self._free)} of "
                 f"num_pages={self.num_pages} are free (raise num_pages / budget_bytes or free a sequence)",
                 needed=n, free=len(self._free), num_pages=self.num_pages,
             )
@@ -298,7 +302,7 @@ class PagedKVCache:
         it was."""
         if n_pages < 0:
             raise ValueError(f"n_pages: must be >= 0, got {n_pages}")
-        pages = self._take(n_pages, f"sequence {seq_id!r}")
+        pages = self._take(n_pages, lambda: f"sequence {seq_id!r}")
         self._seqs.setdefault(seq_id, _Sequence()).extend(pages)
         return pages
 
@@ -364,7 +368,7 @@ class PagedKVCache:
                  if s.committed + q > len(s.pages)]
         if not short:
             return
-        fresh = self._take(sum(n for _, n in short), f"a forward over {sum(query_blocks)} query blocks")
+        fresh = self._take(sum(n for _, n in short), lambda: f"a forward over {sum(query_blocks)} query blocks")
         for s, n in short:
             s.extend(fresh[:n])
             fresh = fresh[n:]

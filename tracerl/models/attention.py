@@ -15,7 +15,6 @@ only in memory: ``save_pretrained`` does not write it, so checkpoints load anywh
 from __future__ import annotations
 
 import contextvars
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +33,19 @@ ATTENTION = "tracerl_sdpa"
 _KEY_READER: contextvars.ContextVar = contextvars.ContextVar("tracerl_key_reader", default=None)
 
 
-@contextmanager
-def reading_keys_from(reader):
+class reading_keys_from:  # noqa: N801 (used as a context manager, like contextlib's)
     """During the block, attention called with ``reader.mask`` returns ``reader.attend(module,
-    query, scaling)`` ``(B, Lq, heads, head_dim)``; every other call runs as usual."""
-    token = _KEY_READER.set(reader)
-    try:
-        yield
-    finally:
-        _KEY_READER.reset(token)
+    query, scaling)`` ``(B, Lq, heads, head_dim)``; every other call runs as usual.  (A class, not
+    a generator context manager: entered once per engine forward, it should cost next to nothing.)"""
+
+    def __init__(self, reader) -> None:
+        self.reader = reader
+
+    def __enter__(self) -> None:
+        self._token = _KEY_READER.set(self.reader)
+
+    def __exit__(self, *exc) -> None:
+        _KEY_READER.reset(self._token)
 
 
 def active_key_reader():
