@@ -193,6 +193,13 @@ class _Judge:
             reply = sb.recv(deadline, self.frame_cap)
             if reply.get("n") != nonce:  # e.g. frames the program wrote ahead of time
                 raise _Protocol("answer does not match the request")
+            if sb.memory_exceeded():
+                # The kernel killed one of the program's processes for the limit during this
+                # call, yet the call answered (e.g. the victim was a child that had already
+                # reported): the processes together still went over the limit.
+                sb.kill()
+                raise self._fail("memory", f"the program's processes together went over the "
+                                           f"memory limit of {self.limits['memory_mb']} MiB")
             return reply
         except _Timeout:
             sb.kill()

@@ -280,6 +280,20 @@ MEMORY_HOG = prog("""
         return "all held"
     def small():
         return len(bytearray(50 << 20))
+    def one_by_one(n, mib):
+        # Each child reports before the next starts, so the kernel's victim (the largest
+        # process) is a child that already reported, and the call still answers.
+        r, w = os.pipe()
+        for _ in range(n):
+            if os.fork() == 0:
+                block = bytearray(mib << 20)
+                for i in range(0, len(block), 4096):
+                    block[i] = 1
+                os.write(w, b"+")
+                time.sleep(30)
+                os._exit(0)
+            os.read(r, 1)
+        return "all held"
 """)
 
 
@@ -294,6 +308,19 @@ def test_memory_limit_binds_across_processes_and_memfds(caps):
         pytest.skip(f"no memory cgroup on this host (memory_scope={p.get('memory_scope')}, "
                     f"reported; errors: {p.get('errors')})")
     assert statuses(r) == ["memory", "memory", "passed"], r.verdicts
+
+
+def test_memory_limit_binds_when_the_killed_process_had_already_answered(caps):
+    """Three children of 400 MiB one after the other under 1024 MiB: the kernel kills one that
+    already reported, the third completes and the call answers 'all held'; the processes still
+    went over the limit, so the verdict is memory, not passed."""
+    tests = CodeTests("function", asserts=("assert one_by_one(3, 400) == 'all held'",
+                                           "assert small() == 50 << 20"))
+    r = score_code(MEMORY_HOG, tests, limits=Limits(time_limit=20.0, total_time=60.0,
+                                                    memory_mb=1024))
+    if r.protections.get("memory_scope") == "per-process":
+        pytest.skip(f"no memory cgroup on this host (errors: {r.protections.get('errors')})")
+    assert statuses(r) == ["memory", "passed"], r.verdicts
 
 
 def test_memory_cgroups_are_removed_after_use(caps):
