@@ -30,7 +30,7 @@ def step_quota(masked_at_start, step, steps: int):
     """Tokens to commit at ``step`` (0-based) for each row: ``M`` masks spread over ``min(T, M)``
     steps as ``M // T' + (step < M % T')`` (upstream-inference.md §1.3, without its bug of
     scheduling a full block when the block starts with prompt tokens).  Integer tensors or numpy
-    arrays (the engine computes it on the host, where it costs a few microseconds, not ten ops)."""
+    arrays (``quota_schedule`` tabulates it per block with numpy for the engine)."""
     m = masked_at_start
     t = m.clip(1, steps)  # min(M, T) steps, at least one
     quota = m // t + (step < m % t)
