@@ -543,7 +543,6 @@ class PagedView(Cache):
             row_blocks = [1] * len(row_seq)
         else:
             row_seq, row_first, row_blocks = range(batch), self.start_blocks, query_blocks
-        self.row_blocks = row_blocks
         rows = len(row_first)
         lq = (1 if row_per_block else max(query_blocks)) * b
         if query_valid is not None and tuple(query_valid.shape) != (rows, lq):
@@ -614,8 +613,9 @@ class PagedView(Cache):
                 # without one (padding) can have nothing to attend.  Without such rows the mask
                 # is key_valid itself (no copy).
                 allowed, mask = self._key_valid_host, self.key_valid
-                if not self._query_valid_host.any(-1).all():
-                    empty = ~self._query_valid_host.any(-1)
+                has_query = self._query_valid_host.any(-1)
+                if not has_query.all():
+                    empty = ~has_query
                     allowed = allowed.copy()
                     allowed[empty, 0] |= ~allowed[empty].any(-1)
                     mask = torch.from_numpy(allowed).to(self.cache.device)

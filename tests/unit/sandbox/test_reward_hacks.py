@@ -255,16 +255,19 @@ def test_judge_memory_is_limited(caps):
 
 MEMORY_HOG = prog("""
     import os, time
+    def hold(w, mib):
+        # In a forked child: touch mib MiB, report on w, keep it.
+        block = bytearray(mib << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        os.write(w, b"+")
+        time.sleep(30)
+        os._exit(0)
     def children(n, mib):
         r, w = os.pipe()
         for _ in range(n):
             if os.fork() == 0:
-                block = bytearray(mib << 20)
-                for i in range(0, len(block), 4096):
-                    block[i] = 1
-                os.write(w, b"+")
-                time.sleep(30)
-                os._exit(0)
+                hold(w, mib)
         got = 0
         while got < n:
             got += len(os.read(r, 64))
@@ -286,12 +289,7 @@ MEMORY_HOG = prog("""
         r, w = os.pipe()
         for _ in range(n):
             if os.fork() == 0:
-                block = bytearray(mib << 20)
-                for i in range(0, len(block), 4096):
-                    block[i] = 1
-                os.write(w, b"+")
-                time.sleep(30)
-                os._exit(0)
+                hold(w, mib)
             os.read(r, 1)
         return "all held"
 """)
