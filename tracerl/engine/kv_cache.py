@@ -72,6 +72,7 @@ that committed it (``BlockCacheDecoder.carry``) or keeps the previous block in t
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -472,7 +473,10 @@ class _PagedLayer(CacheLayerMixin):
 
     def __init__(self, view: PagedView, layer: int) -> None:
         super().__init__()
-        self.view, self.layer = view, layer
+        # A proxy, not a reference: a view and its layers would otherwise form a cycle, and each
+        # forward's view (gather buffers included) and each call's page pool would wait for the
+        # garbage collector (measured: 0.2 GB more peak memory on the engine benchmark).
+        self.view, self.layer = weakref.proxy(view), layer
         self.is_initialized = True  # the pool is preallocated: nothing to initialise lazily
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

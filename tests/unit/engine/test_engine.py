@@ -7,6 +7,7 @@ batch layout cannot move a logit enough to flip an argmax or a threshold."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 
 import pytest
@@ -94,6 +95,28 @@ def test_greedy_many_requests_equal_generate(model):
     # Slots are refilled at every block step: only the last few forwards run short.
     assert st.rows_per_forward <= 8 and 0.75 < st.slot_occupancy <= 1 and 0 < st.forward_fraction < 1
     assert st.forwards < st.model_calls  # prefills admitted mid-run had a forward of their own
+
+
+def test_engine_leaves_no_reference_cycles(model):
+    """Each forward's paged view (with its gather buffers) and each call's page pool are freed by
+    reference counting when done, not when the garbage collector happens to run (on a GPU the
+    buffers of uncollected views would hold device memory)."""
+    engine = Engine(model, max_running=4)
+    prompts, config = prompts_for(10, seed=5), SamplingConfig(max_new_tokens=24, stop_token_ids=stops(model))
+    engine.generate(prompts[:2], config)  # anything created once (lazy model buffers) exists now
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        engine.generate(prompts, config)
+        assert engine.stats.forwards > 20
+        unreachable = gc.collect()
+        kinds = sorted({type(o).__name__ for o in gc.garbage})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert unreachable == 0, f"reference cycles left by the engine: {kinds}"
 
 
 def test_seeded_sampling_alone_equals_in_a_crowd(model):
