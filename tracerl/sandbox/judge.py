@@ -119,6 +119,10 @@ class _Judge:
             self.unit_failure = f
         return f
 
+    def _over_memory(self):
+        return self._fail("memory", f"the program's processes together went over the memory limit of "
+                                    f"{self.limits['memory_mb']} MiB")
+
     def ensure(self):
         if self.setup_failure is not None:
             raise self._fail(*self.setup_failure)
@@ -198,24 +202,19 @@ class _Judge:
                 # call, yet the call answered (e.g. the victim was a child that had already
                 # reported): the processes together still went over the limit.
                 sb.kill()
-                raise self._fail("memory", f"the program's processes together went over the "
-                                           f"memory limit of {self.limits['memory_mb']} MiB")
+                raise self._over_memory()
             return reply
         except _Timeout:
             sb.kill()
             if sb.memory_exceeded():  # e.g. a child was killed and the program waited for it
-                raise self._fail("memory", f"the program's processes together went over the "
-                                           f"memory limit of {self.limits['memory_mb']} MiB") \
-                    from None
+                raise self._over_memory() from None
             if deadline >= self.deadline:
                 raise self._fail("timeout", "the program's total time budget is used up") \
                     from None
             raise self._fail("timeout", f"no answer within {time_limit:g} s") from None
         except _Eof:
             if sb.memory_exceeded():
-                raise self._fail("memory", f"the program's processes together went over the "
-                                           f"memory limit of {self.limits['memory_mb']} MiB") \
-                    from None
+                raise self._over_memory() from None
             raise self._fail("error", f"the program's process ended "
                                       f"({sb.exit_detail or 'no status'})") from None
         except _TooBig as exc:
