@@ -34,31 +34,30 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def commit_need(self, seq: Sequence) -> int:
-        """New pages the request's next forward takes: its blocks up to the current one, minus
+    def commit_needs(self, seqs: list[Sequence]) -> list[int]:
+        """New pages each request's next forward takes: its blocks up to the current one, minus
         those it holds (prefill: the prompt's full blocks and the first denoising block)."""
-        held = self.cache.held_pages(seq.rid) if seq.rid in self.cache else 0
-        return max(0, seq.block + 1 - held)
+        held = self.cache.held_pages_of([s.rid for s in seqs])
+        return [max(0, s.block + 1 - h) for s, h in zip(seqs, held)]
 
     def schedule(self) -> list[Sequence]:
         """The requests of the next forward (empty when nothing is left to do)."""
-        held = self.cache.held_pages_of([s.rid for s in self.running])
-        needs = [max(0, s.block + 1 - h) for s, h in zip(self.running, held)]
+        needs = self.commit_needs(self.running)
         while self.running and sum(needs) > self.cache.num_free:
             self._preempt(self.running[-1])
             needs.pop()
         budget = self.cache.num_free - sum(needs)
         while self.waiting and len(self.running) < self.max_running:
             head = self.waiting[0]
-            need = self.commit_need(head) + len(self.running)  # reserve: one page per running request
-            if self.running and need > budget:
+            need = self.commit_needs([head])[0]
+            if self.running and need + len(self.running) > budget:  # reserve: one page per running request
                 break
             self.waiting.popleft()
             self.cache.allocate(head.rid, 0)
             self.pool.bind(head)
             head.status = Status.PREFILLING
             self.running.append(head)
-            budget -= self.commit_need(head)
+            budget -= need
         return list(self.running)
 
     def _preempt(self, seq: Sequence) -> None:
