@@ -20,14 +20,11 @@ import torch
 
 from tracerl.engine.kv_cache import PagedKVCache
 from tracerl.engine.sequence import Sequence, randomized
-from tracerl.engine.state import record
+from tracerl.engine.state import UNBOUND, record
 from tracerl.generation.decoders import ForwardTimer
 from tracerl.generation.sampling import draw
 from tracerl.generation.unmasking import select
 from tracerl.models.attention import reading_keys_from, routes_attention
-
-
-UNBOUND = "unmask: every request must hold a slot of one StatePool"
 
 
 def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> None:
@@ -36,7 +33,7 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
     from its own stream, then record each row."""
     dev, pool = logits.device, seqs[0].pool
     if pool is None:
-        raise ValueError(UNBOUND)
+        raise ValueError(f"unmask: {UNBOUND}")
     if banned.numel():  # as draw(banned_ids=...) does, without copying the logits
         logits.index_fill_(-1, banned, float("-inf"))
     cols = pool.columns
@@ -48,7 +45,7 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
             (s.decoding_key, s.generator, (s.slot * cols + s.block * s.block_size, s.quota, s.nfe + 1,
                                            s.config.return_logprobs)) for s in seqs])
     except TypeError:  # a request without a slot (record refuses one from another pool)
-        raise ValueError(UNBOUND) from None
+        raise ValueError(f"unmask: {UNBOUND}") from None
     facts = np.array(facts, dtype=np.int64)
     if keys.count(keys[0]) == len(keys):  # the usual case: one group, no regrouping of rows
         groups = [None]

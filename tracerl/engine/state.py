@@ -21,6 +21,7 @@ from tracerl.engine.sequence import Sequence, Status
 from tracerl.generation.sampling import Draw
 
 FIELDS = ("tokens", "masked", "step_map", "logprob", "confidence")
+UNBOUND = "every request must hold a slot of one StatePool"
 
 
 class StatePool:
@@ -71,10 +72,10 @@ def record(seqs: list[Sequence], block: torch.Tensor, masked: torch.Tensor, chos
     (``Sequence.block_final``: stop check, finish or next block)."""
     pool = seqs[0].pool
     if pool is None:
-        raise ValueError("record: every request must hold a slot of one StatePool")
+        raise ValueError(f"record: {UNBOUND}")
     for s in seqs:
         if s.pool is not pool:
-            raise ValueError("record: every request must hold a slot of one StatePool")
+            raise ValueError(f"record: {UNBOUND}")
         s.nfe += 1
         s.step += 1
         s.status = Status.DENOISING
