@@ -176,23 +176,9 @@ def pages_for_budget(budget_bytes: int, page_bytes: int) -> int:
 
 @dataclass
 class _Sequence:
+    row: int  # its row of the cache's page-table array (``PagedKVCache._tables``)
     pages: list[int] = field(default_factory=list)  # page table: page k holds positions [k*b, (k+1)*b)
     committed: int = 0  # pages[:committed] are written; the rest are reserved
-    # The same pages as an int64 array (with spare room): a view copies rows of these into its
-    # page index, about 60x cheaper than converting Python lists (torch.tensor reads each int).
-    table: np.ndarray = field(default_factory=lambda: np.zeros(8, dtype=np.int64))
-
-    def extend(self, new: list[int]) -> None:
-        held = len(self.pages)
-        self.pages.extend(new)
-        if len(self.pages) > len(self.table):
-            grown = np.zeros(max(2 * len(self.table), len(self.pages)), dtype=np.int64)
-            grown[:held] = self.table[:held]
-            self.table = grown
-        if len(new) == 1:  # the usual case (the next block's page): a scalar store, not a list conversion
-            self.table[held] = new[0]
-        else:
-            self.table[held:len(self.pages)] = new
 
 
 class PagedKVCache:
@@ -221,6 +207,12 @@ class PagedKVCache:
         self._page_valid_words = self.page_valid.view(np.dtype((np.void, geometry.block_size))).reshape(-1)
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: hands out 0, 1, 2, ... first
         self._seqs: dict[Hashable, _Sequence] = {}
+        # Every registered sequence's pages as a row of one int64 array (rows and columns grow by
+        # doubling): a view builds its page index with one gather of rows, not a copy per row
+        # (measured: the per-row copies were the largest part of making a view).  Entries past
+        # a sequence's pages are stale; a view masks them.
+        self._tables = np.zeros((8, 8), dtype=np.int64)
+        self._free_rows = list(range(7, -1, -1))
         self._changes = 0  # commits and frees so far: a view made since the last one needs no re-check
 
     @classmethod
@@ -304,8 +296,29 @@ class PagedKVCache:
         if n_pages < 0:
             raise ValueError(f"n_pages: must be >= 0, got {n_pages}")
         pages = self._take(n_pages, lambda: f"sequence {seq_id!r}")
-        self._seqs.setdefault(seq_id, _Sequence()).extend(pages)
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            if not self._free_rows:
+                rows = len(self._tables)
+                self._tables = np.concatenate([self._tables, np.zeros_like(self._tables)])
+                self._free_rows = list(range(2 * rows - 1, rows - 1, -1))
+            seq = self._seqs[seq_id] = _Sequence(self._free_rows.pop())
+        self._extend(seq, pages)
         return pages
+
+    def _extend(self, seq: _Sequence, new: list[int]) -> None:
+        """Append pages to a sequence's table (its list and its row of ``_tables``)."""
+        held = len(seq.pages)
+        seq.pages.extend(new)
+        total = len(seq.pages)
+        if total > self._tables.shape[1]:
+            grown = np.zeros((len(self._tables), max(2 * self._tables.shape[1], total)), dtype=np.int64)
+            grown[:, :self._tables.shape[1]] = self._tables
+            self._tables = grown
+        if len(new) == 1:  # the usual case (the next block's page): a scalar store, not a list conversion
+            self._tables[seq.row, held] = new[0]
+        else:
+            self._tables[seq.row, held:total] = new
 
     def free(self, seq_id: Hashable) -> int:
         """Forget the sequence and return all its pages (committed and reserved) to the pool;
@@ -316,6 +329,7 @@ class PagedKVCache:
         if seq is None:
             raise ValueError(f"seq_id: unknown sequence {seq_id!r} (never allocated or already freed)")
         self._free.extend(reversed(seq.pages))
+        self._free_rows.append(seq.row)
         return len(seq.pages)
 
     def sequence_kv(self, seq_id: Hashable, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -371,7 +385,7 @@ class PagedKVCache:
             return
         fresh = self._take(sum(n for _, n in short), lambda: f"a forward over {sum(query_blocks)} query blocks")
         for s, n in short:
-            s.extend(fresh[:n])
+            self._extend(s, fresh[:n])
             fresh = fresh[n:]
 
     def commit(self, view: PagedView, n_blocks: Sequence[int] | int) -> None:
@@ -539,14 +553,13 @@ class PagedView(Cache):
         self.committed_done = False
         self.written = False
         self.cached_columns = max(self.start_blocks) * b  # committed keys of the longest table
-        # Rows: their sequence, first query block (absolute block index) and number of query
+        # Rows: their first query block (absolute block index) and number of query
         # blocks, as Python lists (a few dozen values: cheaper than a dozen small numpy calls).
         if row_per_block:
-            row_seq = [i for i, n in enumerate(query_blocks) for _ in range(n)]
             row_first = [c + k for c, n in zip(self.start_blocks, query_blocks) for k in range(n)]
-            row_blocks = [1] * len(row_seq)
+            row_blocks = [1] * len(row_first)
         else:
-            row_seq, row_first, row_blocks = range(batch), self.start_blocks, query_blocks
+            row_first, row_blocks = self.start_blocks, query_blocks
         rows = len(row_first)
         lq = (1 if row_per_block else max(query_blocks)) * b
         if query_valid is not None and tuple(query_valid.shape) != (rows, lq):
@@ -560,13 +573,17 @@ class PagedView(Cache):
         self.attended = 0  # layers that attended through attend() (in_place: one per layer)
         self._groups: list | None = None
 
-        # Page index (R, P): padded slots point at page 0 and are masked out via key_valid.
-        index = np.zeros((rows, pages), dtype=np.int64)
-        for r, (i, e) in enumerate(zip(row_seq, row_end)):
-            index[r, :e] = seqs[i].table[:e]
+        # Page index (R, P): each row's table up to its last query block; padded slots point at
+        # page 0 and are masked out via key_valid.
+        row_first, row_blocks, row_end = np.array((row_first, row_blocks, row_end), dtype=np.int64)
+        table_rows = [s.row for s in seqs]
+        if row_per_block:
+            table_rows = np.repeat(table_rows, query_blocks)
+        filled = np.arange(pages)[None, :] < row_end[:, None]
+        index = cache._tables[table_rows, :pages]
+        index *= filled
         self._index_host = index
         self.page_index = torch.from_numpy(index).to(dev)
-        row_first, row_blocks, row_end = np.array((row_first, row_blocks, row_end), dtype=np.int64)
         self._row_pages = row_end
         # Query validity (structural: the row's blocks, and query_valid) and positions, on the host.
         self._one_block = lq == b
@@ -593,7 +610,6 @@ class PagedView(Cache):
             cache.page_valid[query_pages] = structural.reshape(rows, lq // b, b)[block_row, block_in_row]
         # The query blocks' slots are (re)written by this forward: their validity above, the keys in _update.
         self._query_pages = torch.from_numpy(query_pages).to(dev)
-        filled = np.arange(pages)[None, :] < row_end[:, None]
         words = cache._page_valid_words
         key_valid = np.where(filled, words.take(index), np.zeros((), words.dtype)).view(bool).reshape(rows, pages * b)
         self._key_valid_host, self._query_valid_host = key_valid, structural

@@ -356,3 +356,26 @@ def test_key_length_groups_pick_the_cheapest_split():
     # Two and three groups cost the same here (672): two.
     assert len(key_length_groups(np.array([160, 64, 160, 128, 32]), 32)) == 2
     assert [g.tolist() for g in key_length_groups(lengths, None)] == [list(range(len(lengths)))]
+
+
+def test_page_tables_survive_growth_of_the_shared_table(setup):
+    """The cache keeps every sequence's pages as a row of one array that grows (rows and
+    columns) while sequences hold pages: a short sequence growing past the array's width, with
+    more sequences than its first rows, must leave the others' tables intact."""
+    model, atol = setup
+    b = model.block_size
+    lengths = {f"r{i}": 3 + 3 * i for i in range(10)}  # 3..30 tokens: 1..8 pages after prefill
+    cache = PagedKVCache.for_model(model, num_pages=80)
+    seqs = Sequences(model, lengths)
+    ids = list(lengths)
+    for sid in ids:
+        cache.allocate(sid)
+    first = [lengths[s] // b for s in ids]
+    cache.commit(paged_forward(model, cache, seqs, ids, [k + 1 for k in first], atol), first)
+    before = {sid: cache.page_table(sid) for sid in ids}
+    assert max(map(len, before.values())) == 8  # the longest table fills the array's first width
+    for k in range(9):  # r0 (one page) decodes nine blocks and takes ten pages in one forward
+        seqs.decode("r0", k, b)
+    cache.commit(paged_forward(model, cache, seqs, ["r0"], [10], atol), 9)
+    assert all(cache.page_table(sid) == before[sid] for sid in ids[1:])
+    paged_forward(model, cache, seqs, ids, [1] * len(ids), atol)  # every table read back through a view
