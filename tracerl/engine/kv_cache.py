@@ -466,10 +466,10 @@ def key_length_groups(lengths: np.ndarray, overhead: int | None) -> list[np.ndar
     three = np.multiply.outer(top, cut) + first[:, None] + ((n - cut) * top)[None, :] + _below_diagonal(n)
     best_two, best_three = int(two.argmin()), int(three.argmin())
     if two[best_two] < one and two[best_two] <= three.flat[best_three]:
-        return np.split(order, [best_two + 1])
+        return [order[:best_two + 1], order[best_two + 1:]]  # slices: np.split costs 10x more
     if three.flat[best_three] < one:
         c1, c2 = divmod(best_three, n - 1)
-        return np.split(order, [c1 + 1, c2 + 1])
+        return [order[:c1 + 1], order[c1 + 1:c2 + 1], order[c2 + 1:]]
     return [np.arange(n)]
 
 

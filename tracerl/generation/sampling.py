@@ -117,6 +117,7 @@ def _sample_per_row(probs: torch.Tensor, generators: Sequence[torch.Generator | 
     rows = _drawing_rows(generators, probs.shape[0])
     if probs.device.type == "cpu" and len(rows) == probs.shape[0]:
         race = cpu_exponentials(probs.shape, generators)
+        return argmax_last_dim(torch.div(probs, race, out=race))  # a tensor of its own: divided in place
     elif probs.device.type == "cpu":
         race = torch.ones_like(probs)
         if rows:
@@ -149,15 +150,23 @@ def cpu_exponentials(shape: torch.Size | tuple[int, ...], generators: Sequence[t
     float64: that changes the float32 only for a value within a few ulps of a float32 rounding
     midpoint (about 1 element in 10^7), so those few are recomputed with libm (``math.log1p``).
     CUDA's Philox streams differ, so CUDA rows keep ``exponential_``."""
+    shape = tuple(shape)
+    chunk = max(1, CHUNK_ELEMENTS // max(math.prod(shape[1:]), 1))  # float64 temporaries of a few rows at a time
+    if len(generators) <= chunk:  # the usual case, one chunk: no copy into a batch tensor
+        return exponential_from_uniform_(_row_uniforms(shape, generators))
     out = torch.empty(shape, dtype=torch.float32)
-    per_row = out[0].numel() if len(out) else 1
-    chunk = max(1, CHUNK_ELEMENTS // per_row)  # float64 temporaries of a few rows at a time, not of the batch
     for lo in range(0, len(generators), chunk):
-        u = torch.empty((min(chunk, len(generators) - lo), *out.shape[1:]), dtype=torch.float64)
-        for row, g in zip(u.unbind(0), generators[lo:lo + chunk]):  # one op for the row views, not one each
-            row.uniform_(generator=g)
-        out[lo:lo + len(u)] = exponential_from_uniform_(u)
+        part = generators[lo:lo + chunk]
+        out[lo:lo + len(part)] = exponential_from_uniform_(_row_uniforms((len(part), *shape[1:]), part))
     return out
+
+
+def _row_uniforms(shape: tuple[int, ...], generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """float64 U[0, 1) of ``shape``, row r drawn from ``generators[r]``."""
+    u = torch.empty(shape, dtype=torch.float64)
+    for row, g in zip(u.unbind(0), generators):  # one op for the row views, not one each
+        row.uniform_(generator=g)
+    return u
 
 
 CHUNK_ELEMENTS = 2**22  # cpu_exponentials' float64 working set: 32 MiB per temporary
