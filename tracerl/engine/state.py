@@ -15,6 +15,7 @@ output.  Token positions are absolute in both (column p = position p).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tracerl.engine.sequence import Sequence, Status
@@ -62,14 +63,17 @@ def request_slots(seqs: list[Sequence], max_running: int, device) -> StatePool:
     return StatePool(min(max_running, len(seqs)), max(len(s.tokens) for s in seqs), device)
 
 
-def record(seqs: list[Sequence], block: torch.Tensor, masked: torch.Tensor, chosen: torch.Tensor, d: Draw,
-           nfe: torch.Tensor, logprobs: bool) -> None:
+def record(seqs: list[Sequence], block, masked, chosen, d: Draw, nfe, logprobs: bool) -> None:
     """One forward's unmasking of the current blocks of ``seqs`` (bound requests of one pool and
     one block size; ``block`` ``(G, b)`` indexes their blocks in the pool's flattened rows,
     ``masked`` is the pool's mask there before this step, ``chosen`` the positions to commit from
     the draw ``d``, ``nfe`` ``(G,)`` each request's forwards including this one, ``logprobs``
     whether any of them returns log-probs), then each request whose block became final moves on
-    (``Sequence.block_final``: stop check, finish or next block)."""
+    (``Sequence.block_final``: stop check, finish or next block).
+
+    ``block``, ``masked``, ``chosen`` and ``nfe`` are tensors on the pool's device, or numpy
+    arrays for a pool on the CPU (written through numpy views of its tensors: a few small
+    operations, where numpy's per-operation cost is a fraction of torch's)."""
     pool = seqs[0].pool
     if pool is None:
         raise ValueError(f"record: {UNBOUND}")
@@ -79,10 +83,12 @@ def record(seqs: list[Sequence], block: torch.Tensor, masked: torch.Tensor, chos
         s.nfe += 1
         s.step += 1
         s.status = Status.DENOISING
+    host = isinstance(block, np.ndarray)
+    where = np.where if host else torch.where
 
-    def put(field: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        flat = field.view(-1)
-        merged = torch.where(chosen, new, flat[block])
+    def put(field: torch.Tensor, new) -> torch.Tensor | np.ndarray:
+        flat = field.numpy().reshape(-1) if host else field.view(-1)
+        merged = where(chosen, np.asarray(new) if host else new, flat[block])
         flat[block] = merged
         return merged
 
@@ -92,7 +98,7 @@ def record(seqs: list[Sequence], block: torch.Tensor, masked: torch.Tensor, chos
         put(pool.logprob, d.logprob.float())
         put(pool.confidence, d.confidence.float())
     still = masked & ~chosen
-    pool.masked.view(-1)[block] = still
+    (pool.masked.numpy().reshape(-1) if host else pool.masked.view(-1))[block] = still
     final = ~still.any(-1)
     finals = final.tolist()  # a host sync (a second one reads the final blocks, if any)
     if any(finals):

@@ -45,14 +45,18 @@ def quota_schedule(masked_at_start: int, steps: int) -> tuple[int, ...]:
     return tuple(step_quota(np.full(budget, masked_at_start), np.arange(budget), steps).tolist())
 
 
-def _rank(score: torch.Tensor, masked: torch.Tensor, descending: bool) -> torch.Tensor:
-    """0-based rank of each masked position by score (unmasked ones rank last; ties: leftmost)."""
+def _rank(score, masked, descending: bool):
+    """0-based rank of each masked position by score (unmasked ones rank last; ties: leftmost);
+    torch tensors or numpy arrays (see ``select``)."""
+    if isinstance(score, np.ndarray):  # a stable ascending sort of the negated scores: the same order
+        keyed = np.where(masked, -score if descending else score, np.inf)
+        return np.argsort(np.argsort(keyed, axis=-1, kind="stable"), axis=-1, kind="stable")
     fill = float("-inf") if descending else float("inf")
     order = torch.sort(torch.where(masked, score, fill), dim=-1, descending=descending, stable=True).indices
     return order.argsort(dim=-1)  # the inverse permutation: rank[order[j]] = j
 
 
-def _top_by_score(score: torch.Tensor, masked: torch.Tensor, quota: torch.Tensor) -> torch.Tensor:
+def _top_by_score(score, masked, quota):
     """The ``quota[r]`` masked positions of row r with the highest score."""
     return masked & (_rank(score, masked, descending=True) < quota[:, None])
 
@@ -60,40 +64,51 @@ def _top_by_score(score: torch.Tensor, masked: torch.Tensor, quota: torch.Tensor
 def select(
     strategy: str,
     draw: Draw,
-    masked: torch.Tensor,
-    quota: torch.Tensor,
+    masked: torch.Tensor | np.ndarray,
+    quota: torch.Tensor | np.ndarray,
     *,
     threshold: float,
     eb_threshold: float,
     generator: Generators,
-) -> torch.Tensor:
+) -> torch.Tensor | np.ndarray:
     """The positions to commit.  ``generator`` feeds the ``random`` rule: one generator for the
-    batch, or one per row (row r's noise from row r's generator; None: the row draws nothing)."""
-    quota = torch.minimum(quota, masked.sum(-1))
+    batch, or one per row (row r's noise from row r's generator; None: the row draws nothing).
+
+    ``masked`` and ``quota`` are tensors, or numpy arrays for a draw on the CPU: then every rule
+    runs on numpy views of the draw and returns an array, with the same selection (the engine
+    on the CPU: a rule is a handful of operations on a (B, b) block, and numpy's per-operation
+    cost is a fraction of torch's)."""
+    host = isinstance(masked, np.ndarray)
+    xp = np if host else torch
+    on_host = np.asarray if host else lambda t: t  # a tensor of the draw, as the rule's array type
+    quota = xp.minimum(quota, masked.sum(-1))
     if strategy == "static":
-        return _top_by_score(draw.confidence, masked, quota)
+        return _top_by_score(on_host(draw.confidence), masked, quota)
     if strategy == "dynamic":
-        confident = masked & (draw.confidence > threshold)
+        confidence = on_host(draw.confidence)
+        confident = masked & (confidence > threshold)
         enough = confident.sum(-1) >= quota
-        return torch.where(enough[:, None], confident, _top_by_score(draw.confidence, masked, quota))
+        return xp.where(enough[:, None], confident, _top_by_score(confidence, masked, quota))
     if strategy == "sequential":
-        order = masked.long().cumsum(-1)  # 1-based rank among masked positions, left to right
+        order = masked.cumsum(-1)  # 1-based rank among masked positions, left to right (int64)
         return masked & (order <= quota[:, None])
     if strategy == "random":
+        device = draw.tokens.device
         if is_per_row(generator):
-            noise = per_row_uniform(masked.shape, generator, masked.device)
+            noise = per_row_uniform(tuple(masked.shape), generator, device)
         else:
-            noise = torch.rand(masked.shape, generator=generator, device=masked.device)
-        return _top_by_score(noise, masked, quota)
+            noise = torch.rand(tuple(masked.shape), generator=generator, device=device)
+        return _top_by_score(on_host(noise), masked, quota)
     if strategy == "margin":
         top2 = torch.topk(draw.probs, 2, dim=-1).values
-        return _top_by_score(top2[..., 0] - top2[..., 1], masked, quota)
+        return _top_by_score(on_host(top2[..., 0] - top2[..., 1]), masked, quota)
     if strategy == "entropy_bounded":
         p = draw.probs
-        entropy = -(p * p.clamp_min(1e-30).log()).sum(-1)
+        entropy = on_host(-(p * p.clamp_min(1e-30).log()).sum(-1))
         ranked = _rank(entropy, masked, descending=False)
-        sorted_entropy = torch.sort(entropy.masked_fill(~masked, float("inf")), dim=-1).values
+        sorted_entropy = xp.sort(xp.where(masked, entropy, float("inf")), -1)
+        sorted_entropy = sorted_entropy if host else sorted_entropy.values
         within_budget = (sorted_entropy.cumsum(-1) < eb_threshold).sum(-1)
-        count = torch.maximum(torch.minimum(within_budget, masked.sum(-1)), quota)
+        count = xp.maximum(xp.minimum(within_budget, masked.sum(-1)), quota)
         return masked & (ranked < count[:, None])
     raise ValueError(f"unknown strategy {strategy!r}")

@@ -251,6 +251,31 @@ def test_rules_select_only_masked_and_at_least_quota(strategy):
             assert (chosen.sum(-1) == torch.minimum(quota, masked.sum(-1))).all()
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_rules_on_numpy_arrays_select_what_they_select_on_tensors(strategy, per_row):
+    """The engine selects on numpy views on the CPU: every rule must pick exactly the positions
+    its torch form picks, ties included (confidences from a few distinct logits tie often), and
+    draw the random rule's noise from the same streams."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        logits = torch.randint(0, 3, (7, 8, 5), generator=g).float()  # coarse logits: many equal scores
+        d = draw(logits, temperature=1.0, top_k=0, top_p=1.0, banned_ids=None, generator=g)
+        masked = torch.rand(7, 8, generator=g) < 0.7
+        quota = torch.randint(0, 5, (7,), generator=g)
+
+        def streams():  # the same seeds for both forms
+            seeds = range(100 * trial, 100 * trial + 7)
+            return [torch.Generator().manual_seed(s) for s in seeds] if per_row else \
+                torch.Generator().manual_seed(100 * trial)
+
+        kw = dict(threshold=0.4, eb_threshold=1.5)
+        on_tensors = select(strategy, d, masked, quota, generator=streams(), **kw)
+        on_arrays = select(strategy, d, masked.numpy(), quota.numpy(), generator=streams(), **kw)
+        assert isinstance(on_arrays, np.ndarray) and on_arrays.dtype == np.bool_
+        assert on_arrays.tolist() == on_tensors.tolist(), (strategy, trial)
+
+
 def test_static_picks_most_confident_and_sequential_leftmost():
     conf = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
     d = draw(torch.zeros(1, 4, 5), temperature=0, top_k=0, top_p=1, banned_ids=None, generator=None)
