@@ -108,7 +108,9 @@ def select(
         ranked = _rank(entropy, masked, descending=False)
         sorted_entropy = xp.sort(xp.where(masked, entropy, float("inf")), -1)
         sorted_entropy = sorted_entropy if host else sorted_entropy.values
-        within_budget = (sorted_entropy.cumsum(-1) < eb_threshold).sum(-1)
+        # torch sums float32 in float64 and rounds each partial sum: numpy must do the same
+        summed = sorted_entropy.cumsum(-1, dtype=np.float64).astype(np.float32) if host else sorted_entropy.cumsum(-1)
+        within_budget = (summed < eb_threshold).sum(-1)
         count = xp.maximum(xp.minimum(within_budget, masked.sum(-1)), quota)
         return masked & (ranked < count[:, None])
     raise ValueError(f"unknown strategy {strategy!r}")
