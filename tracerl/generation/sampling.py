@@ -117,7 +117,8 @@ def _sample_per_row(probs: torch.Tensor, generators: Sequence[torch.Generator | 
     rows = _drawing_rows(generators, probs.shape[0])
     if probs.device.type == "cpu" and len(rows) == probs.shape[0]:
         race = cpu_exponentials(probs.shape, generators)
-        return argmax_last_dim(torch.div(probs, race, out=race))  # a tensor of its own: divided in place
+        if probs.dtype == race.dtype:  # float32 (draw's): the race is a tensor of its own, divided in place
+            return argmax_last_dim(torch.div(probs, race, out=race))
     elif probs.device.type == "cpu":
         race = torch.ones_like(probs)
         if rows:

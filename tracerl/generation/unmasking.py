@@ -50,7 +50,11 @@ def _rank(score, masked, descending: bool):
     torch tensors or numpy arrays (see ``select``)."""
     if isinstance(score, np.ndarray):  # a stable ascending sort of the negated scores: the same order
         keyed = np.where(masked, -score if descending else score, np.inf)
-        return np.argsort(np.argsort(keyed, axis=-1, kind="stable"), axis=-1, kind="stable")
+        if descending and np.isnan(score).any():  # torch sorts NaN as the largest: first when descending
+            order = np.lexsort((keyed, ~(masked & np.isnan(score))), axis=-1)
+        else:
+            order = np.argsort(keyed, axis=-1, kind="stable")
+        return np.argsort(order, axis=-1, kind="stable")
     fill = float("-inf") if descending else float("inf")
     order = torch.sort(torch.where(masked, score, fill), dim=-1, descending=descending, stable=True).indices
     return order.argsort(dim=-1)  # the inverse permutation: rank[order[j]] = j
@@ -80,6 +84,9 @@ def select(
     cost is a fraction of torch's)."""
     host = isinstance(masked, np.ndarray)
     xp = np if host else torch
+    # Python floats: numpy would compare float32 scores with a numpy float64 threshold in float64,
+    # torch rounds any float threshold to the scores' float32.
+    threshold, eb_threshold = float(threshold), float(eb_threshold)
     on_host = np.asarray if host else lambda t: t  # a tensor of the draw, as the rule's array type
     quota = xp.minimum(quota, masked.sum(-1))
     if strategy == "static":

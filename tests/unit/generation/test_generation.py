@@ -255,14 +255,18 @@ def test_rules_select_only_masked_and_at_least_quota(strategy):
 @pytest.mark.parametrize("per_row", [False, True])
 def test_rules_on_numpy_arrays_select_what_they_select_on_tensors(strategy, per_row):
     """The engine selects on numpy views on the CPU: every rule must pick exactly the positions
-    its torch form picks, ties included (confidences from a few distinct logits tie often), and
-    draw the random rule's noise from the same streams."""
+    its torch form picks, ties included (confidences from a few distinct logits tie often), NaN
+    scores and numpy-float thresholds included, and draw the random rule's noise from the same
+    streams."""
     g = torch.Generator().manual_seed(1)
     for trial in range(30):
         logits = torch.randint(0, 3, (7, 8, 5), generator=g).float()  # coarse logits: many equal scores
         d = draw(logits, temperature=1.0, top_k=0, top_p=1.0, banned_ids=None, generator=g)
         masked = torch.rand(7, 8, generator=g) < 0.7
         quota = torch.randint(0, 5, (7,), generator=g)
+        if trial % 3 == 0:  # a broken model's NaN scores (torch ranks NaN as the largest)
+            d.confidence[1, 2:5] = float("nan")
+            d.probs[2, 3] = float("nan")
 
         def streams():  # the same seeds for both forms
             seeds = range(100 * trial, 100 * trial + 7)
@@ -273,7 +277,8 @@ def test_rules_on_numpy_arrays_select_what_they_select_on_tensors(strategy, per_
         # sorted entropies as torch computes it, so any rounding difference changes the pick.
         entropy = -(d.probs * d.probs.clamp_min(1e-30).log()).sum(-1)
         budget = torch.sort(entropy.masked_fill(~masked, float("inf")), dim=-1).values.cumsum(-1)[0, 2]
-        kw = dict(threshold=float(d.confidence[0, 0]), eb_threshold=float(budget) if budget.isfinite() else 1.5)
+        kw = dict(threshold=np.float64(d.confidence[0, 0]) - 1e-12,
+                  eb_threshold=np.float64(budget if budget.isfinite() else 1.5) + 1e-12)  # float64: off float32
         on_tensors = select(strategy, d, masked, quota, generator=streams(), **kw)
         on_arrays = select(strategy, d, masked.numpy(), quota.numpy(), generator=streams(), **kw)
         assert isinstance(on_arrays, np.ndarray) and on_arrays.dtype == np.bool_
