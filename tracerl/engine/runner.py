@@ -61,13 +61,13 @@ def unmask(seqs: list[Sequence], logits: torch.Tensor, banned: torch.Tensor) -> 
         own = (streams if members is None else [streams[i] for i in members]) if randomized(c) else None
         d = draw(logits[:, :b] if members is None else logits[members, :b], temperature=c.temperature,
                  top_k=c.top_k, top_p=c.top_p, banned_ids=None, generator=own)
-        if dev.type == "cpu":  # select and record on numpy views of the pool (see select)
-            block, quota, nfe = rows[:, :1] + np.arange(b), rows[:, 1], rows[:, 2]
-            masked = pool.masked.numpy().reshape(-1)[block]
-        else:  # the current blocks as flat indices (one index tensor, not two), quotas and nfe: one copy
-            packed = torch.from_numpy(np.concatenate([rows[:, :1] + np.arange(b), rows[:, 1:3]], axis=1)).to(dev)
+        block = rows[:, :1] + np.arange(b)  # the current blocks as flat indices into the pool's rows
+        if pool.on_host:  # select and record on numpy views of the pool (see select)
+            quota, nfe = rows[:, 1], rows[:, 2]
+        else:  # the block indices, quotas and nfe: one copy
+            packed = torch.from_numpy(np.concatenate([block, rows[:, 1:3]], axis=1)).to(dev)
             block, quota, nfe = packed[:, :b], packed[:, b], packed[:, b + 1]
-            masked = pool.masked.view(-1)[block]
+        masked = pool.flat(pool.masked)[block]
         chosen = select(c.strategy, d, masked, quota, threshold=c.threshold, eb_threshold=c.eb_threshold,
                         generator=own)
         record(group, block, masked, chosen, d, nfe=nfe, logprobs=bool(rows[:, 3].any()))

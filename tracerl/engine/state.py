@@ -30,12 +30,18 @@ class StatePool:
 
     def __init__(self, rows: int, columns: int, device: torch.device) -> None:
         self.columns = columns
+        # On the CPU the engine unmasks and records through numpy views of these tensors (see record).
+        self.on_host = torch.device(device).type == "cpu"
         self.tokens = torch.zeros(rows, columns, dtype=torch.long, device=device)
         self.masked = torch.zeros(rows, columns, dtype=torch.bool, device=device)
         self.step_map = torch.zeros(rows, columns, dtype=torch.long, device=device)
         self.logprob = torch.zeros(rows, columns, dtype=torch.float32, device=device)
         self.confidence = torch.zeros(rows, columns, dtype=torch.float32, device=device)
         self._free = list(range(rows - 1, -1, -1))
+
+    def flat(self, field: torch.Tensor) -> torch.Tensor | np.ndarray:
+        """One of the pool's tensors as a flat view: a numpy array on the CPU, else a tensor."""
+        return field.numpy().reshape(-1) if self.on_host else field.view(-1)
 
     def bind(self, seq: Sequence) -> None:
         """Move the request's state into a free slot; its fields become views of the slot's row."""
@@ -72,8 +78,8 @@ def record(seqs: list[Sequence], block, masked, chosen, d: Draw, nfe, logprobs: 
     (``Sequence.block_final``: stop check, finish or next block).
 
     ``block``, ``masked``, ``chosen`` and ``nfe`` are tensors on the pool's device, or numpy
-    arrays for a pool on the CPU (written through numpy views of its tensors: a few small
-    operations, where numpy's per-operation cost is a fraction of torch's)."""
+    arrays for a pool on the CPU (``StatePool.on_host``: written through numpy views of its
+    tensors, a few small operations, where numpy's per-operation cost is a fraction of torch's)."""
     pool = seqs[0].pool
     if pool is None:
         raise ValueError(f"record: {UNBOUND}")
@@ -83,11 +89,11 @@ def record(seqs: list[Sequence], block, masked, chosen, d: Draw, nfe, logprobs: 
         s.nfe += 1
         s.step += 1
         s.status = Status.DENOISING
-    host = isinstance(block, np.ndarray)
+    host = pool.on_host
     where = np.where if host else torch.where
 
     def put(field: torch.Tensor, new) -> torch.Tensor | np.ndarray:
-        flat = field.numpy().reshape(-1) if host else field.view(-1)
+        flat = pool.flat(field)
         merged = where(chosen, np.asarray(new) if host else new, flat[block])
         flat[block] = merged
         return merged
@@ -98,7 +104,7 @@ def record(seqs: list[Sequence], block, masked, chosen, d: Draw, nfe, logprobs: 
         put(pool.logprob, d.logprob.float())
         put(pool.confidence, d.confidence.float())
     still = masked & ~chosen
-    (pool.masked.numpy().reshape(-1) if host else pool.masked.view(-1))[block] = still
+    pool.flat(pool.masked)[block] = still
     final = ~still.any(-1)
     finals = final.tolist()  # a host sync (a second one reads the final blocks, if any)
     if any(finals):
